@@ -1,0 +1,19 @@
+"""depgraph: which parts of a PyTorch model must be pruned together.
+
+>>> import torch, depgraph
+>>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+>>> a = depgraph.analyze(net, torch.zeros(1, 4))
+>>> [(g.size, [m.name for m in g.members]) for g in a.groups]
+[(8, ['0.weight', '0.bias', '2.weight'])]
+"""
+
+from passes.errors import DepgraphError, InputError, PlanError, ShapeError, TraceError
+
+from .analyze import analyze, infer_inputs
+from .groups import ActivationMember, Analysis, Group, Member, Pinned
+
+__all__ = [
+    "analyze", "infer_inputs", "Analysis", "Group", "Member", "ActivationMember", "Pinned",
+    "DepgraphError", "TraceError", "ShapeError", "InputError", "PlanError",
+]
+__version__ = "0.1.0"
