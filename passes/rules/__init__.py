@@ -13,13 +13,13 @@ from torch import fx
 
 from ..dims import Unifier
 from ..meta import VALUE, TensorMeta
-from . import layers, pointwise, reduce, shape_ops
+from . import aten, attention, layers, pointwise, reduce, shape_ops
 from .context import Axes, Context, Rule, Unsupported
 
 __all__ = ["RULES", "MODULE_TYPES", "relate", "Context", "Unsupported"]
 
 RULES: dict[object, Rule] = {}
-for _family in (pointwise, layers, shape_ops, reduce):
+for _family in (pointwise, layers, shape_ops, reduce, attention):
     RULES.update(_family.RULES)  # type: ignore[arg-type]
 
 MODULE_TYPES = frozenset(k for k in RULES if isinstance(k, type))
@@ -30,34 +30,52 @@ OUTPUT = "axis of a model output"
 CONSTANT = "tensor constant in the graph"
 
 
-def relate(gm: fx.GraphModule, unifier: Unifier | None = None) -> Context:
+def relate(
+    gm: fx.GraphModule,
+    unifier: Unifier | None = None,
+    *,
+    rules: dict[object, Rule] | None = None,
+    inputs: list[Axes] | None = None,
+) -> Context:
     """Apply every node's rule to a graph annotated by :func:`passes.shapes.propagate_shapes`.
 
     Returns the :class:`Context` holding each node's axes, each parameter's axes,
-    and the ops that had to be pinned (``unsupported``).
+    the ops that had to be pinned (``unsupported``) and the output's axes (``result``).
+    By default the graph is a whole model: its inputs and outputs are pinned. With
+    ``inputs`` (the axes of each placeholder, in order) it is a subgraph inside a
+    larger one (an op lowered to ATen): nothing is pinned at its boundary. ``rules``
+    replaces the default table (the ATen rules for lowered graphs).
     """
     cx = Context(gm, unifier or Unifier())
+    table = RULES if rules is None else rules
+    bound = iter(inputs) if inputs is not None else None
     for node in gm.graph.nodes:
         if node.op == "output":
-            cx.pin(_output_axes(cx, node.args[0]), OUTPUT)
-            continue
-        cx.axes[node] = _node_axes(cx, node)
+            cx.result = _output_axes(cx, node.args[0])
+            if bound is None:
+                cx.pin(cx.result, OUTPUT)
+        elif node.op == "placeholder":
+            value = node.meta.get(VALUE)
+            cx.axes[node] = next(bound) if bound is not None else cx.pinned_like(value, INPUT)
+        else:
+            cx.axes[node] = _node_axes(cx, node, table)
     return cx
 
 
-def _node_axes(cx: Context, node: fx.Node) -> Axes:
+def _node_axes(cx: Context, node: fx.Node, table: dict[object, Rule]) -> Axes:
     value = node.meta.get(VALUE)
-    if node.op == "placeholder":
-        return cx.pinned_like(value, INPUT)
     if node.op == "get_attr":
         if isinstance(value, TensorMeta) and cx.is_state(str(node.target)):
             return cx.param(str(node.target))
         return cx.pinned_like(value, CONSTANT)
     key = type(cx.module(node)) if node.op == "call_module" else node.target
-    rule = RULES.get(key)
-    if rule is None:
-        return _unsupported(cx, node, f"no rule for {_op_name(node)}")
-    return rule(cx, node)
+    rule = table.get(key)
+    if rule is not None:
+        return rule(cx, node)
+    lowered = aten.lower(cx, node) if table is RULES else None
+    if lowered is not None:
+        return lowered
+    return _unsupported(cx, node, f"no rule for {_op_name(node)}")
 
 
 def _unsupported(cx: Context, node: fx.Node, reason: str) -> Axes:
@@ -73,7 +91,7 @@ def _output_axes(cx: Context, value: object) -> Axes:
     if isinstance(value, (list, tuple)):
         return [_output_axes(cx, v) for v in value]
     if isinstance(value, dict):
-        return [_output_axes(cx, v) for v in value.values()]
+        return {k: _output_axes(cx, v) for k, v in value.items()}
     return None
 
 

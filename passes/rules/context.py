@@ -42,6 +42,7 @@ class Context:
         self.axes: dict[fx.Node, Axes] = {}
         self.params: dict[str, tuple[Expr, ...]] = {}
         self.unsupported: list[Unsupported] = []
+        self.result: Axes = None
         self._canonical = _canonical_names(gm)
         self._modules = dict(gm.named_modules())
 
