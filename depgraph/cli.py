@@ -16,6 +16,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from passes.errors import DepgraphError
+
 from .analyze import analyze
 
 __all__ = ["main", "load_model"]
@@ -51,7 +53,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = load_model(args.model).eval()
     built = time.perf_counter() - build_start
     example = torch.zeros(args.input_shape) if args.input_shape else None
-    result = analyze(model, example)
+    try:
+        result = analyze(model, example)
+    except DepgraphError as exc:
+        print(f"depgraph: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     print(result.summary())
     print(f"analyzed {args.model} in {result.seconds:.3f} s (building the model took {built:.2f} s)")
     return 0

@@ -25,17 +25,18 @@ class _LeafTracer(fx.Tracer):
         super().__init__(param_shapes_constant=True)
         self.leaf_types = tuple(leaf_types)
         self.leaf_names = frozenset(leaf_names)
-        self.stack: list[str] = []
+        self.failed_in: str | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return type(m) in self.leaf_types or module_qualified_name in self.leaf_names
 
     def call_module(self, m, forward, args, kwargs):  # type: ignore[no-untyped-def]
-        self.stack.append(self.path_of_module(m))
         try:
             return super().call_module(m, forward, args, kwargs)
-        finally:
-            self.stack.pop()
+        except Exception:
+            if self.failed_in is None:  # the innermost module sees the error first
+                self.failed_in = self.path_of_module(m)
+            raise
 
 
 def trace_fx(
@@ -57,9 +58,11 @@ def trace_fx(
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # fx raises many types; all mean "cannot trace"
-        where = tracer.stack[-1] if tracer.stack else ""
-        where = f"module '{where}' ({type(model.get_submodule(where)).__name__})" if where else (
-            f"the top-level {type(model).__name__}.forward"
+        path = tracer.failed_in
+        where = (
+            f"module '{path}' ({type(model.get_submodule(path)).__name__})"
+            if path
+            else f"the top-level {type(model).__name__}.forward"
         )
         raise TraceError(
             f"torch.fx could not trace {where}: {type(exc).__name__}: {exc}. "
