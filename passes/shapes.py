@@ -43,7 +43,46 @@ def describe(value: Any) -> Any:
     return value
 
 
+def _same_shape(m: nn.Module, x: torch.Tensor) -> tuple[int, ...]:
+    return tuple(x.shape)
+
+
+def _linear_shape(m: nn.Module, x: torch.Tensor) -> tuple[int, ...]:
+    return (*x.shape[:-1], m.out_features)
+
+
+def _conv_shape(m: nn.Module, x: torch.Tensor) -> tuple[int, ...] | None:
+    n = len(m.kernel_size)
+    if isinstance(m.padding, str) or len(x.shape) not in (n + 1, n + 2) or x.shape[-n - 1] != m.in_channels:
+        return None  # 'same'/'valid' padding or a malformed input: let the meta kernel decide
+    spatial = [
+        (size + 2 * p - d * (k - 1) - 1) // s + 1
+        for size, p, d, k, s in zip(x.shape[-n:], m.padding, m.dilation, m.kernel_size, m.stride)
+    ]
+    if min(spatial) <= 0:
+        return None
+    return (*x.shape[: -n - 1], m.out_channels, *spatial)
+
+
+_FAST_SHAPES: dict[type, Any] = {
+    **dict.fromkeys((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm), _same_shape),
+    nn.Linear: _linear_shape,
+    **dict.fromkeys((nn.Conv1d, nn.Conv2d, nn.Conv3d), _conv_shape),
+}
+"""Leaf modules whose output shape is a formula: skipping their meta kernels (BatchNorm's
+is a slow Python decomposition) makes shape propagation several times faster."""
+
+
 class _ShapeInterpreter(fx.Interpreter):
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        m = self.fetch_attr(target)
+        fast = _FAST_SHAPES.get(type(m))
+        if fast is not None and not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor):
+            shape = fast(m, args[0])
+            if shape is not None and _input_fits(m, args[0]):
+                return torch.empty(shape, dtype=args[0].dtype, device="meta")
+        return super().call_module(target, args, kwargs)
+
     def run_node(self, n: fx.Node) -> Any:
         try:
             result = super().run_node(n)
@@ -73,6 +112,19 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> Non
     state.update({f"gm.{k}": _meta_like(v) for k, v in gm.named_buffers()})
     with torch.no_grad(), torch.device("meta"):
         torch.func.functional_call(_Runner(gm), state, to_meta(tuple(example_inputs)))
+
+
+def _input_fits(m: nn.Module, x: torch.Tensor) -> bool:
+    """The checks the skipped kernel would have made on the channel axis."""
+    if isinstance(m, nn.Linear):
+        return x.ndim >= 1 and x.shape[-1] == m.in_features
+    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+        return x.ndim >= 2 and x.shape[1] == m.num_features
+    if isinstance(m, nn.GroupNorm):
+        return x.ndim >= 2 and x.shape[1] == m.num_channels
+    if isinstance(m, nn.LayerNorm):
+        return tuple(x.shape[x.ndim - len(m.normalized_shape) :]) == tuple(m.normalized_shape)
+    return True
 
 
 def _meta_like(t: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,95 @@
+"""Helpers shared by the benchmark scripts: building models on ``meta``, timing, markdown.
+
+Not a script; ``coverage.py`` and ``analyze_speed.py`` import it (run them as
+``python benchmarks/<script>.py`` so this directory is on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torchvision
+from torch import nn
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def build(name: str) -> tuple[nn.Module, str]:
+    """Build torchvision model ``name`` with ``weights=None``, in eval mode, on ``meta``.
+
+    Returns the model and where it was built: ``"meta"``, or ``"cpu"`` when building
+    on meta failed and the model was built on the CPU and then moved to meta.
+    """
+    try:
+        with torch.device("meta"):
+            model = torchvision.models.get_model(name, weights=None)
+        where = "meta"
+    except Exception:  # any init that reads values cannot run on meta
+        model = torchvision.models.get_model(name, weights=None).to("meta")
+        where = "cpu"
+    return model.eval(), where
+
+
+def image_input(model: nn.Module, name: str, size: int | None = None) -> torch.Tensor:
+    """A ``(1, 3, size, size)`` meta input; by default the size the model expects.
+
+    ViTs carry their ``image_size``; inception_v3 needs 299; everything else gets 224.
+    """
+    if size is None:
+        size = getattr(model, "image_size", 299 if name == "inception_v3" else 224)
+    return torch.zeros(1, 3, size, size, device="meta")
+
+
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """``Type: first line of the message``, cut to ``limit`` characters, safe in a table cell."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return text.replace("|", "\\|")
+
+
+def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in seconds over ``repeats`` calls, after ``warmup`` calls.
+
+    The garbage collector runs before each call, outside the timed region.
+    """
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        gc.collect()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table; cells are formatted with ``str``."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def environment() -> str:
+    """One line saying when and where the numbers were taken."""
+    return (
+        f"Run {datetime.datetime.now():%Y-%m-%d %H:%M} on {platform.machine()}, "
+        f"{os.cpu_count()} CPUs visible (shared with other jobs: expect noise), Python "
+        f"{platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}."
+    )
+
+
+def write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` (creating its directory) and say so."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+    print(f"wrote {path}")
