@@ -12,8 +12,9 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torchvision
@@ -32,7 +33,7 @@ def build(name: str) -> tuple[nn.Module, str]:
         with torch.device("meta"):
             model = torchvision.models.get_model(name, weights=None)
         where = "meta"
-    except Exception:  # any init that reads values cannot run on meta
+    except Exception:  # noqa: BLE001 -- any init that reads values cannot run on meta
         model = torchvision.models.get_model(name, weights=None).to("meta")
         where = "cpu"
     return model.eval(), where

@@ -56,19 +56,19 @@ def cover(name: str) -> Row:
     row = Row(name)
     try:
         model, row.built = build(name)
-    except Exception as exc:  # one broken model must not stop the sweep
+    except Exception as exc:  # noqa: BLE001 -- one broken model must not stop the sweep
         row.error = "build: " + first_line(exc)
         return row
     try:
         fx.symbolic_trace(model)
         row.traced = "yes"
-    except Exception:  # fx raises many types
+    except Exception:  # noqa: BLE001 -- fx raises many types
         row.traced = "no"
     x = image_input(model, name)
     start = time.perf_counter()
     try:
         analysis = depgraph.analyze(model, x)
-    except Exception as exc:  # reported in the table, not raised
+    except Exception as exc:  # noqa: BLE001 -- reported in the table, not raised
         row.error = first_line(exc)
         return row
     row.seconds = f"{time.perf_counter() - start:.3f}"

@@ -9,11 +9,12 @@ import torch
 from torch import fx, nn
 
 from passes.errors import InputError, ShapeError
+from passes.meta import TensorMeta
 from passes.rules import MODULE_TYPES, Context, relate
 from passes.shapes import propagate_shapes
 from passes.trace import trace_fx
 
-from .couple import collect_groups
+from .couple import couple
 from .groups import Analysis
 
 __all__ = ["analyze", "infer_inputs"]
@@ -66,8 +67,19 @@ def analyze(
     _shapes(gm, args, inferred=example_inputs is None)
     cx = relate(gm)
     _exclude(cx, exclude)
-    groups, pinned = collect_groups(cx)
-    return Analysis(groups, pinned, cx.unsupported, gm, time.perf_counter() - start)
+    coupling = couple(cx)
+    return Analysis(
+        coupling.groups, coupling.pinned, cx.unsupported, gm,
+        seconds=time.perf_counter() - start,
+        params=coupling.params, nodes=coupling.nodes, model=model,
+        inputs=tuple(_describe_input(a) for a in args),
+    )
+
+
+def _describe_input(a: Any) -> Any:
+    if isinstance(a, torch.Tensor):
+        return TensorMeta(tuple(a.shape), a.dtype)
+    return a
 
 
 def infer_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:

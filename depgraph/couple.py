@@ -1,56 +1,77 @@
-"""From related axes to groups: resolve every parameter axis and collect, per atom
-class, the members that contain it."""
+"""From related axes to groups: resolve every axis once and collect, per atom class,
+the members that contain it."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 
-
-from passes.dims import Atom, Expr, atoms_of
+from passes.dims import Atom, Expr, Unifier, atoms_of
 from passes.meta import VALUE, TensorMeta
-from passes.rules import Context
+from passes.rules import Axes, Context
 
 from .groups import ActivationMember, Group, Member, Pinned
 
-__all__ = ["collect_groups"]
+__all__ = ["Coupling", "couple"]
 
 
-def collect_groups(cx: Context) -> tuple[list[Group], list[Pinned]]:
+@dataclass
+class Coupling:
+    """Resolved axes of every parameter and node, and the groups and pins they imply."""
+
+    groups: list[Group]
+    pinned: list[Pinned]
+    params: dict[str, tuple[Expr, ...]]
+    nodes: dict[str, Axes]
+
+
+def couple(cx: Context) -> Coupling:
     """Groups (unpinned atoms of size > 1 touching a parameter or buffer axis) and the
     pinned atoms that touch parameters, both in order of first appearance."""
     u = cx.u
+    params = {name: tuple(u.resolve(e) for e in axes) for name, axes in cx.params.items()}
     members: dict[Atom, list[Member]] = {}
     pinned: dict[Atom, list[tuple[str, int]]] = {}
-    for name, axes in cx.params.items():
-        for dim, raw in enumerate(axes):
-            expr = u.resolve(raw)
+    for name, axes in params.items():
+        for dim, expr in enumerate(axes):
             for atom in _distinct_atoms(expr):
                 if u.pin_reason(atom) is None:
                     members.setdefault(atom, []).append(Member(name, dim, expr, atom))
                 else:
                     pinned.setdefault(atom, []).append((name, dim))
-    activations = _activation_members(cx, set(members))
+    nodes = {node.name: _resolve(u, axes) for node, axes in cx.axes.items()}
+    activations = _activation_members(cx, nodes, set(members))
     groups = [
         Group(i, atom.size, tuple(ms), tuple(activations.get(atom, ())), atom)
         for i, (atom, ms) in enumerate(members.items())
     ]
     pins = [Pinned(a.size, u.pin_reason(a) or "", tuple(ms)) for a, ms in pinned.items()]
-    return groups, pins
+    return Coupling(groups, pins, params, nodes)
+
+
+def _resolve(u: Unifier, axes: Axes) -> Axes:
+    if isinstance(axes, tuple):
+        return tuple(u.resolve(e) for e in axes)
+    if isinstance(axes, list):
+        return [_resolve(u, a) for a in axes]
+    if isinstance(axes, dict):
+        return {k: _resolve(u, a) for k, a in axes.items()}
+    return None
 
 
 def _distinct_atoms(expr: Expr) -> list[Atom]:
     return list(dict.fromkeys(a for a in atoms_of(expr) if a.size > 1))
 
 
-def _activation_members(cx: Context, wanted: set[Atom]) -> dict[Atom, list[ActivationMember]]:
+def _activation_members(
+    cx: Context, nodes: dict[str, Axes], wanted: set[Atom]
+) -> dict[Atom, list[ActivationMember]]:
     found: dict[Atom, list[ActivationMember]] = {}
-    for node, axes in cx.axes.items():
+    for node in cx.axes:
+        axes = nodes[node.name]
         if not isinstance(axes, tuple) or not isinstance(node.meta.get(VALUE), TensorMeta):
             continue
-        for dim, raw in enumerate(axes):
-            expr = cx.u.resolve(raw)
+        for dim, expr in enumerate(axes):
             for atom in _distinct_atoms(expr):
                 if atom in wanted:
                     found.setdefault(atom, []).append(ActivationMember(node.name, dim, expr, atom))
     return found
-
-

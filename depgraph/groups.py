@@ -12,6 +12,7 @@ Glossary (also in the README):
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -107,7 +108,17 @@ class Analysis:
     unsupported: list[Unsupported]
     graph: Any = field(repr=False, default=None)
     seconds: float = 0.0
-    fingerprint: str = ""
+    params: dict[str, tuple[Expr, ...]] = field(repr=False, default_factory=dict)
+    nodes: dict[str, Any] = field(repr=False, default_factory=dict)
+    model: Any = field(repr=False, default=None)
+    inputs: tuple[Any, ...] = field(repr=False, default=())
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of the group structure (sizes, member names and axes): plans made for
+        one analysis can be checked against another."""
+        text = repr([(g.size, [(m.name, m.dim) for m in g.members]) for g in self.groups])
+        return hashlib.sha1(text.encode()).hexdigest()[:16]
 
     def to_networkx(self) -> nx.Graph:
         """A bipartite graph: one node per group (``("group", i)``), one per member

@@ -27,7 +27,7 @@ from typing import Iterator, Union
 import torch
 from networkx.utils import UnionFind
 
-__all__ = ["Atom", "Product", "Concat", "Expr", "Unifier", "ONE", "atoms_of", "removed_mask"]
+__all__ = ["Atom", "Product", "Concat", "Expr", "Unifier", "ONE", "atoms_of", "removed_mask", "kept_mask"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,4 +288,26 @@ def removed_mask(expr: Expr, atom: Atom, units: torch.Tensor) -> torch.Tensor:
     mask = torch.zeros(1, dtype=torch.bool)
     for factor in expr.factors:
         mask = (mask[:, None] | removed_mask(factor, atom, units)[None, :]).reshape(-1)
+    return mask
+
+
+def kept_mask(expr: Expr, removed: "dict[Atom, torch.Tensor]") -> torch.Tensor:
+    """For each flat index of the resolved ``expr``, whether it survives removing, for each
+    atom in ``removed``, the given units.
+
+    >>> u = Unifier(); h, d = u.new(2), u.new(3)
+    >>> kept_mask(Product((h, d)), {d: torch.tensor([1])}).tolist()
+    [True, False, True, True, False, True]
+    """
+    if isinstance(expr, Atom):
+        mask = torch.ones(expr.size, dtype=torch.bool)
+        units = removed.get(expr)
+        if units is not None:
+            mask[units] = False
+        return mask
+    if isinstance(expr, Concat):
+        return torch.cat([kept_mask(p, removed) for p in expr.parts])
+    mask = torch.ones(1, dtype=torch.bool)
+    for factor in expr.factors:
+        mask = (mask[:, None] & kept_mask(factor, removed)[None, :]).reshape(-1)
     return mask

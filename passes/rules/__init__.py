@@ -16,7 +16,7 @@ from ..meta import VALUE, TensorMeta
 from . import aten, attention, layers, pointwise, reduce, shape_ops
 from .context import Axes, Context, Rule, Unsupported
 
-__all__ = ["RULES", "MODULE_TYPES", "relate", "Context", "Unsupported"]
+__all__ = ["RULES", "MODULE_TYPES", "relate", "Axes", "Context", "Unsupported"]
 
 RULES: dict[object, Rule] = {}
 for _family in (pointwise, layers, shape_ops, reduce, attention):
