@@ -27,7 +27,7 @@ from typing import Iterator, Union
 import torch
 from networkx.utils import UnionFind
 
-__all__ = ["Atom", "Product", "Concat", "Expr", "Unifier", "ONE", "atoms_of", "removed_mask", "kept_mask"]
+__all__ = ["Atom", "Product", "Concat", "Expr", "Unifier", "ONE", "atoms_of", "removed_mask", "kept_mask", "coordinates"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,3 +311,24 @@ def kept_mask(expr: Expr, removed: "dict[Atom, torch.Tensor]") -> torch.Tensor:
     for factor in expr.factors:
         mask = (mask[:, None] & kept_mask(factor, removed)[None, :]).reshape(-1)
     return mask
+
+
+def coordinates(expr: Expr, atom: Atom) -> torch.Tensor:
+    """For each flat index of the resolved ``expr``, its coordinate along ``atom`` (-1 where
+    the index lies in a part that does not contain ``atom``).
+
+    >>> u = Unifier(); h, d = u.new(2), u.new(3)
+    >>> coordinates(Concat((Product((h, d)), u.new(2))), h).tolist()
+    [0, 0, 0, 1, 1, 1, -1, -1]
+    """
+    if isinstance(expr, Atom):
+        if expr == atom:
+            return torch.arange(expr.size)
+        return torch.full((expr.size,), -1, dtype=torch.long)
+    if isinstance(expr, Concat):
+        return torch.cat([coordinates(p, atom) for p in expr.parts])
+    coords = torch.full((1,), -1, dtype=torch.long)
+    for factor in expr.factors:
+        inner = coordinates(factor, atom)
+        coords = torch.where(inner[None, :] >= 0, inner[None, :], coords[:, None]).reshape(-1)
+    return coords

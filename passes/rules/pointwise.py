@@ -19,8 +19,15 @@ __all__ = ["RULES", "pointwise"]
 
 
 def pointwise(cx: Context, node: fx.Node) -> Axes:
-    """Broadcasting elementwise op."""
+    """Broadcasting elementwise op (on plain numbers, as in ``channels // 2``, no axes)."""
+    if not cx.is_tensor(node):
+        return None
     return broadcast(cx, node, tensor_args(cx, node))
+
+
+def no_tensor(cx: Context, node: fx.Node) -> Axes:
+    """Checks such as ``torch._assert(x.dim() == 3, ...)``: nothing comes out."""
+    return None
 
 
 def identity(cx: Context, node: fx.Node) -> Axes:
@@ -79,6 +86,7 @@ def _table() -> dict[object, object]:
         table[fn] = pointwise
     for name in _IDENTITY_METHODS:
         table[name] = identity
+    table[torch._assert] = no_tensor
     table[torch.clone] = identity
     table[torch.detach] = identity
     return table

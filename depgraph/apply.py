@@ -1,0 +1,86 @@
+"""Applying a plan: ``prune`` (physically smaller) and ``simulate`` (masked, same shapes)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx, nn
+
+from passes.meta import TensorMeta
+from passes.shrink import shrink
+from passes.simulate import remove_simulation, simulate_graph
+
+from .analyze import analyze
+from .groups import Analysis
+from .plan import Plan
+
+__all__ = ["prune", "simulate", "unsimulate"]
+
+
+def prune(model: nn.Module, plan: Plan, inplace: bool = False) -> nn.Module:
+    """A physically smaller model that computes what ``simulate(model, plan)`` computes.
+
+    Every member is sliced; module attributes (``in_channels``, ``groups``,
+    ``num_features``, ...) are updated; shape literals in the graph are rewritten.
+    Returns the model's own class when its forward still runs unchanged, and a
+    ``torch.fx.GraphModule`` (traced in the model's current train/eval mode) when
+    graph literals had to change. ``model`` is untouched unless ``inplace``.
+
+    Examples
+    --------
+    >>> import torch, depgraph
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> a = depgraph.analyze(net, torch.zeros(1, 4))
+    >>> small = depgraph.prune(net, depgraph.Plan.from_keep(a, {0: [1, 3, 5]}))
+    >>> small[0].weight.shape, small[2].in_features, net[0].weight.shape
+    (torch.Size([3, 4]), 3, torch.Size([8, 4]))
+    """
+    target, analysis, removed = _prepare(model, plan, inplace)
+    changed = shrink(analysis.graph, analysis.params, analysis.nodes, removed, root=target)
+    return analysis.graph if changed else target
+
+
+def simulate(model: nn.Module, plan: Plan, inplace: bool = False) -> fx.GraphModule:
+    """A masked model with the original shapes that computes what ``prune`` computes.
+
+    Parameters get mask parametrizations (``torch.nn.utils.parametrize``), every
+    activation with a pruned axis is masked, and normalizations, means, variances and
+    softmaxes over a pruned axis count only kept entries. Returns a GraphModule
+    (traced in the model's current train/eval mode); with ``inplace`` the caller's
+    modules carry the parametrizations. A ``state_dict`` of the result stores each
+    masked parameter as ``...parametrizations.<name>.original`` (unmasked) plus the
+    masks; call :func:`unsimulate` first to get plain parameter names back.
+
+    Examples
+    --------
+    >>> import torch, depgraph
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).eval()
+    >>> a = depgraph.analyze(net, torch.zeros(1, 4))
+    >>> plan = depgraph.Plan.from_keep(a, {0: [1, 3, 5]})
+    >>> x = torch.randn(3, 4)
+    >>> torch.allclose(depgraph.simulate(net, plan)(x), depgraph.prune(net, plan)(x), atol=1e-6)
+    True
+    """
+    _, analysis, removed = _prepare(model, plan, inplace)
+    simulate_graph(analysis.graph, analysis.params, analysis.nodes, removed)
+    return analysis.graph
+
+
+def unsimulate(model: fx.GraphModule) -> fx.GraphModule:
+    """Remove what :func:`simulate` added: parameters return to their unmasked values."""
+    remove_simulation(model)
+    return model
+
+
+def _prepare(model: nn.Module, plan: Plan, inplace: bool) -> tuple[nn.Module, Analysis, dict]:
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan must be a depgraph.Plan, got {type(plan).__name__}")
+    inputs = tuple(
+        torch.empty(x.shape, dtype=x.dtype, device="meta") if isinstance(x, TensorMeta) else x for x in plan.inputs
+    )
+    target = model if inplace else copy.deepcopy(model)
+    analysis = analyze(target, inputs)  # analyze changes nothing, so a failed check leaves model intact
+    plan.check(analysis)
+    removed = {analysis.groups[i].atom: plan.removed(i) for i in plan.keep if len(plan.removed(i))}
+    return target, analysis, removed

@@ -1,0 +1,314 @@
+"""Simulate: prune with masks, same shapes, computing exactly what the shrunk model does.
+
+Needs what :mod:`passes.shrink` needs. Does, in place on the GraphModule:
+
+- ``mul`` masks on parameters (``torch.nn.utils.parametrize``), so training sees
+  and updates only kept entries;
+- ``mul`` masks on activations: after every node whose output has a pruned axis,
+  so no op can turn a removed unit non-zero (a bias, a normalization's shift,
+  ``sigmoid(0) = 0.5``);
+- masked statistics where an op reduces over a pruned axis: layer, group and RMS
+  normalization, mean, var and std count only kept entries; softmax, log-softmax
+  and max see removed positions as a large negative (the ``add`` apply method),
+  min as a large positive.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.utils import parametrize
+
+from .dims import Atom, Expr
+from .meta import VALUE, TensorMeta
+from .shrink import Sizes
+
+__all__ = ["simulate_graph", "remove_simulation", "MASK_PREFIX"]
+
+MASK_PREFIX = "_depgraph_mask_"
+NEGATIVE = -1e9
+"""What the ``add`` apply method puts in removed positions before softmax: exp() of it is 0."""
+
+
+class Mask(nn.Module):
+    """Parametrization multiplying a tensor by a fixed 0/1 mask."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.mask
+
+
+def simulate_graph(
+    gm: fx.GraphModule,
+    params: dict[str, tuple[Expr, ...]],
+    nodes: dict[str, Any],
+    removed: dict[Atom, torch.Tensor],
+) -> None:
+    """Insert masks into ``gm`` so it computes what shrinking it would (see module doc)."""
+    sizes = Sizes(removed)
+    _mask_parameters(gm, params, sizes)
+    counter = iter(range(1 << 30))
+    for node in list(gm.graph.nodes):
+        if node.op in ("placeholder", "output") or node.meta.get("depgraph_mask"):
+            continue
+        if node.op != "get_attr":
+            _masked_statistics(gm, node, nodes, sizes, counter)
+        axes = nodes.get(node.name)
+        if isinstance(axes, tuple) and isinstance(node.meta.get(VALUE), TensorMeta):
+            if any(sizes.touches(e) for e in axes):
+                _mask_output(gm, node, _broadcast_mask(axes, sizes), counter)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def remove_simulation(gm: fx.GraphModule) -> None:
+    """Undo :func:`simulate_graph` on a module: parameters get their unmasked values back
+    and mask nodes are removed (masked-statistics ops stay)."""
+    for module in gm.modules():
+        if parametrize.is_parametrized(module):
+            for name in list(module.parametrizations.keys()):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+    for node in list(gm.graph.nodes):
+        if node.meta.get("depgraph_mask") == "mul":
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    for node in list(gm.graph.nodes):
+        if node.meta.get("depgraph_mask") == "buffer" and not node.users:
+            gm.graph.erase_node(node)
+    gm.recompile()
+
+
+def _mask_parameters(gm: fx.GraphModule, params: dict[str, tuple[Expr, ...]], sizes: Sizes) -> None:
+    for name, axes in params.items():
+        if not any(sizes.touches(e) for e in axes):
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        owner = gm.get_submodule(owner_name)
+        if not isinstance(getattr(owner, attr), nn.Parameter):
+            continue  # buffers (running statistics) need no mask: activations are masked
+        parametrize.register_parametrization(owner, attr, Mask(_broadcast_mask(axes, sizes)), unsafe=True)
+
+
+def _broadcast_mask(axes: tuple[Expr, ...], sizes: Sizes) -> torch.Tensor:
+    mask = torch.ones((1,) * len(axes))
+    for dim, expr in enumerate(axes):
+        if sizes.touches(expr):
+            shape = [1] * len(axes)
+            shape[dim] = expr.size
+            mask = mask * sizes.mask(expr).float().reshape(shape)
+    return mask
+
+
+def _mask_output(gm: fx.GraphModule, node: fx.Node, mask: torch.Tensor, counter: Any) -> None:
+    buffer = f"{MASK_PREFIX}{next(counter)}"
+    gm.register_buffer(buffer, mask)
+    with gm.graph.inserting_after(node):
+        get = gm.graph.get_attr(buffer)
+        get.meta["depgraph_mask"] = "buffer"
+    with gm.graph.inserting_after(get):
+        mul = gm.graph.call_function(operator.mul, (node, get))
+        mul.meta["depgraph_mask"] = "mul"
+    node.replace_all_uses_with(mul, delete_user_cb=lambda user: user is not mul)
+
+
+# -- masked statistics ---------------------------------------------------------------
+
+
+def masked_layer_norm(x: torch.Tensor, keep: torch.Tensor, weight: Any, bias: Any, eps: float) -> torch.Tensor:
+    """Layer norm over the trailing ``keep.ndim`` axes counting only kept entries."""
+    dims = tuple(range(-keep.ndim, 0))
+    count = keep.sum().clamp(min=1)
+    mean = (x * keep).sum(dims, keepdim=True) / count
+    var = (((x - mean) * keep) ** 2).sum(dims, keepdim=True) / count
+    y = (x - mean) / torch.sqrt(var + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y * keep
+
+
+def masked_rms_norm(x: torch.Tensor, keep: torch.Tensor, weight: Any, eps: Any) -> torch.Tensor:
+    """RMS norm over the trailing ``keep.ndim`` axes counting only kept entries."""
+    dims = tuple(range(-keep.ndim, 0))
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    ms = ((x * keep) ** 2).sum(dims, keepdim=True) / keep.sum().clamp(min=1)
+    y = x * torch.rsqrt(ms + eps)
+    return (y * weight if weight is not None else y) * keep
+
+
+def masked_group_norm(
+    x: torch.Tensor, keep: torch.Tensor, groups: int, weight: Any, bias: Any, eps: float
+) -> torch.Tensor:
+    """Group norm whose per-group statistics count only kept channels (``keep``: (C,))."""
+    n, c = x.shape[:2]
+    xg = x.reshape(n, groups, c // groups, -1)
+    kg = keep.reshape(1, groups, c // groups, 1)
+    count = (kg.sum(2, keepdim=True) * xg.shape[-1]).clamp(min=1)
+    mean = (xg * kg).sum((2, 3), keepdim=True) / count
+    var = (((xg - mean) * kg) ** 2).sum((2, 3), keepdim=True) / count
+    y = ((xg - mean) / torch.sqrt(var + eps)).reshape(x.shape)
+    shape = (1, c) + (1,) * (x.ndim - 2)
+    if weight is not None:
+        y = y * weight.reshape(shape)
+    if bias is not None:
+        y = y + bias.reshape(shape)
+    return y * keep.reshape(shape)
+
+
+def masked_var(x: torch.Tensor, keep: torch.Tensor, dims: Any, correction: float, keepdim: bool, std: bool) -> torch.Tensor:
+    """Variance (or std) over ``dims`` counting only entries where ``keep`` (broadcastable) is 1."""
+    count = (keep * torch.ones_like(x)).sum(dims, keepdim=True)
+    mean = (x * keep).sum(dims, keepdim=True) / count.clamp(min=1)
+    var = (((x - mean) * keep) ** 2).sum(dims, keepdim=True) / (count - correction).clamp(min=1)
+    var = var if keepdim else var.squeeze(dims)
+    return var.sqrt() if std else var
+
+
+def _masked_statistics(gm: fx.GraphModule, node: fx.Node, nodes: dict[str, Any], sizes: Sizes, counter: Any) -> None:
+    key = type(gm.get_submodule(str(node.target))) if node.op == "call_module" else node.target
+    handler = STATISTICS.get(key)
+    if handler is None or not node.args or not isinstance(node.args[0], fx.Node):
+        return
+    source = node.args[0]
+    while source.meta.get("depgraph_mask") == "mul":  # its input was masked already
+        source = source.args[0]
+    x = nodes.get(source.name)
+    if isinstance(x, tuple):
+        handler(gm, node, x, sizes, counter)
+
+
+def _constant(gm: fx.GraphModule, node: fx.Node, value: torch.Tensor, counter: Any) -> fx.Node:
+    name = f"{MASK_PREFIX}{next(counter)}"
+    gm.register_buffer(name, value)
+    with gm.graph.inserting_before(node):
+        get = gm.graph.get_attr(name)
+    get.meta["depgraph_mask"] = "constant"
+    return get
+
+
+def _attr(gm: fx.GraphModule, node: fx.Node, attr: str) -> fx.Node | None:
+    if getattr(gm.get_submodule(str(node.target)), attr, None) is None:
+        return None
+    with gm.graph.inserting_before(node):
+        return gm.graph.get_attr(f"{node.target}.{attr}")
+
+
+def _trailing_keep(x: tuple[Expr, ...], k: int, sizes: Sizes) -> torch.Tensor | None:
+    trailing = x[len(x) - k :]
+    if not any(sizes.touches(e) for e in trailing):
+        return None
+    return _broadcast_mask(trailing, sizes)
+
+
+def _layer_norm_module(gm: fx.GraphModule, node: fx.Node, x: tuple[Expr, ...], sizes: Sizes, counter: Any) -> None:
+    m = gm.get_submodule(str(node.target))
+    keep = _trailing_keep(x, len(m.normalized_shape), sizes)
+    if keep is None:
+        return
+    keep_node = _constant(gm, node, keep, counter)
+    weight = _attr(gm, node, "weight")
+    if isinstance(m, nn.RMSNorm):
+        _replace(node, masked_rms_norm, (node.args[0], keep_node, weight, m.eps))
+    else:
+        _replace(node, masked_layer_norm, (node.args[0], keep_node, weight, _attr(gm, node, "bias"), m.eps))
+
+
+def _layer_norm_function(gm: fx.GraphModule, node: fx.Node, x: tuple[Expr, ...], sizes: Sizes, counter: Any) -> None:
+    args = _bind(F.layer_norm, node)
+    shape = args["normalized_shape"]
+    keep = _trailing_keep(x, 1 if isinstance(shape, int) else len(shape), sizes)
+    if keep is not None:
+        keep_node = _constant(gm, node, keep, counter)
+        _replace(node, masked_layer_norm, (args["input"], keep_node, args.get("weight"), args.get("bias"), args.get("eps", 1e-5)))
+
+
+def _group_norm_module(gm: fx.GraphModule, node: fx.Node, x: tuple[Expr, ...], sizes: Sizes, counter: Any) -> None:
+    m = gm.get_submodule(str(node.target))
+    if sizes.touches(x[1]):
+        keep_node = _constant(gm, node, sizes.mask(x[1]).float(), counter)
+        args = (node.args[0], keep_node, m.num_groups, _attr(gm, node, "weight"), _attr(gm, node, "bias"), m.eps)
+        _replace(node, masked_group_norm, args)
+
+
+def _group_norm_function(gm: fx.GraphModule, node: fx.Node, x: tuple[Expr, ...], sizes: Sizes, counter: Any) -> None:
+    args = _bind(F.group_norm, node)
+    if sizes.touches(x[1]):
+        keep_node = _constant(gm, node, sizes.mask(x[1]).float(), counter)
+        _replace(node, masked_group_norm, (args["input"], keep_node, args["num_groups"], args.get("weight"),
+                                           args.get("bias"), args.get("eps", 1e-5)))
+
+
+def _reduced_dims(node: fx.Node, x: tuple[Expr, ...]) -> tuple[int, ...] | None:
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if dim is None:
+        return tuple(range(len(x)))
+    if isinstance(dim, fx.Node):
+        return None
+    return tuple(d % len(x) for d in ([dim] if isinstance(dim, int) else dim))
+
+
+def _mean(gm: fx.GraphModule, node: fx.Node, x: tuple[Expr, ...], sizes: Sizes, counter: Any) -> None:
+    dims = _reduced_dims(node, x)
+    if dims is None or not any(sizes.touches(x[d]) for d in dims):
+        return
+    total = 1.0
+    kept = 1.0
+    for d in dims:
+        total *= x[d].size
+        kept *= max(sizes.size(x[d]), 1)
+    with gm.graph.inserting_after(node):
+        scaled = gm.graph.call_function(operator.mul, (node, total / kept))
+    node.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
+
+
+def _var(gm: fx.GraphModule, node: fx.Node, x: tuple[Expr, ...], sizes: Sizes, counter: Any) -> None:
+    dims = _reduced_dims(node, x)
+    if dims is None or not any(sizes.touches(x[d]) for d in dims):
+        return
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    keep_node = _constant(gm, node, _broadcast_mask(x, sizes), counter)
+    correction = node.kwargs.get("correction", 0 if node.kwargs.get("unbiased") is False else 1)
+    keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 and isinstance(node.args[2], bool) else False)
+    _replace(node, masked_var, (node.args[0], keep_node, dims, correction, keepdim, name == "std"))
+
+
+def _fill(value: float) -> Callable[..., None]:
+    def fill(gm: fx.GraphModule, node: fx.Node, x: tuple[Expr, ...], sizes: Sizes, counter: Any) -> None:
+        dims = _reduced_dims(node, x)
+        if dims is None or not any(sizes.touches(x[d]) for d in dims):
+            return
+        keep_node = _constant(gm, node, _broadcast_mask(x, sizes) > 0, counter)
+        with gm.graph.inserting_before(node):
+            filled = gm.graph.call_function(torch.where, (keep_node, node.args[0], value))
+        node.args = (filled, *node.args[1:])
+    return fill
+
+
+def _bind(fn: Callable[..., Any], node: fx.Node) -> dict[str, Any]:
+    import inspect
+
+    return dict(inspect.signature(fn).bind(*node.args, **node.kwargs).arguments)
+
+
+def _replace(node: fx.Node, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    node.op, node.target, node.args, node.kwargs = "call_function", fn, args, {}
+
+
+STATISTICS: dict[object, Callable[..., None]] = {
+    nn.LayerNorm: _layer_norm_module, nn.RMSNorm: _layer_norm_module, nn.GroupNorm: _group_norm_module,
+    F.layer_norm: _layer_norm_function, F.group_norm: _group_norm_function,
+    **dict.fromkeys(("mean", torch.mean), _mean),
+    **dict.fromkeys(("var", "std", torch.var, torch.std), _var),
+    **dict.fromkeys((F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax",
+                     "amax", torch.amax, "max", torch.max, "logsumexp", torch.logsumexp), _fill(NEGATIVE)),
+    **dict.fromkeys(("amin", torch.amin, "min", torch.min), _fill(-NEGATIVE)),
+}
+"""Ops that reduce over an axis, and how simulation makes them count only kept entries."""
