@@ -124,17 +124,22 @@ QK_HEAD_DIM = (4, [
 V_HEAD_DIM = (4, [("v.weight", 0, rows(0, 12, 4)), ("v.bias", 0, rows(0, 12, 4)), ("o.weight", 1, rows(0, 12, 4))])
 
 
-@pytest.mark.parametrize("mode", ["matmul", "einsum", "sdpa_scaled"])
+@pytest.mark.parametrize("mode", ["matmul", "einsum", "sdpa", "sdpa_scaled"])
 def test_attention_heads_and_head_dims(mode: str) -> None:
     a = analyze(Attention(mode), X)
     assert groups(a) == [HEADS, QK_HEAD_DIM, V_HEAD_DIM]
 
 
-def test_sdpa_default_scale_pins_the_query_key_head_dim() -> None:
-    # without scale=, SDPA divides by sqrt(E): shrinking E would change every score.
-    a = analyze(Attention("sdpa"), X)
-    assert groups(a) == [HEADS, V_HEAD_DIM]
-    assert {("q.weight", 0), ("k.bias", 0)} <= pinned_members(a, "default scale")
+def test_sdpa_default_scale_survives_pruning_the_query_key_head_dim() -> None:
+    # without scale=, SDPA divides by sqrt(E); prune passes the original scale explicitly,
+    # so removing q/k head_dim slots computes what the masked model computes.
+    model = Attention("sdpa").eval()
+    a = analyze(model, X)
+    plan = depgraph.Plan.from_keep(a, {1: torch.tensor([0, 2, 3])})
+    x = torch.randn(X.shape)
+    small = depgraph.prune(model, plan)
+    assert small.q.weight.shape == (9, E)
+    torch.testing.assert_close(small(x), depgraph.simulate(model, plan)(x))
 
 
 class RelativeBias(nn.Module):

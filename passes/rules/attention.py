@@ -23,7 +23,6 @@ __all__ = ["RULES"]
 
 BROADCAST = "size made by broadcasting"
 GQA_REPEAT = "query heads per key/value head in grouped-query attention"
-DEFAULT_SCALE = "the default scale 1/sqrt(E) of scaled_dot_product_attention depends on this axis' size"
 CAUSAL = "positions related by a causal mask"
 MHA_WIDTH = "nn.MultiheadAttention requires the query's width to equal its embed_dim"
 MHA_HEADS = "nn.MultiheadAttention derives its heads and head_dim from embed_dim (the query's width)"
@@ -136,12 +135,17 @@ def _attention_batch(cx: Context, node: fx.Node, q: tuple[Expr, ...], k: tuple[E
     return (*_broadcast(cx, q[:-3], k[:-3], v[:-3]), q[-3])
 
 
+DEFAULT_SCALE = "the default scale 1/sqrt(E) of scaled_dot_product_attention depends on this axis' size"
+"""Why E is pinned in ATen-level attention, where no shrink rewrite passes the original scale."""
+
+
 def scaled_dot_product_attention(cx: Context, node: fx.Node) -> Axes:
     """q (..., L, E), k (..., S, E), v (..., S, Ev) -> (..., L, Ev): q and k share E, k and v
     share S, batch axes broadcast, attn_mask broadcasts against (..., L, S).
 
-    Without an explicit ``scale`` the kernel divides by sqrt(E), so E is pinned (removing
-    units would change the scale); ``is_causal`` pins L and S (the mask pairs positions).
+    Without an explicit ``scale`` the kernel divides by sqrt(E): E stays prunable because
+    shrinking passes the original ``scale=1/sqrt(E)`` (passes/shrink.py); ``is_causal``
+    pins L and S (the mask pairs positions).
     """
     q, k, v = (cx.of(arg(node, i, n)) for i, n in enumerate(("query", "key", "value")))
     cx.unify(q[-1], k[-1])
@@ -153,8 +157,6 @@ def scaled_dot_product_attention(cx: Context, node: fx.Node) -> Axes:
     if arg(node, 5, "is_causal", False):
         cx.u.pin(q[-2], CAUSAL)
         cx.u.pin(k[-2], CAUSAL)
-    if arg(node, 6, "scale") is None:
-        cx.u.pin(q[-1], DEFAULT_SCALE)
     return (*batch, q[-2], v[-1])
 
 
