@@ -214,11 +214,43 @@ def _shape_args(node: fx.Node, nodes: dict[str, Any], sizes: Sizes) -> bool:
     shape = list(node.args[1] if packed else node.args[1:])
     if "shape" in node.kwargs or "size" in node.kwargs:
         return False
-    new = [sizes.size(e) if s != -1 and sizes.touches(e) else s for s, e in zip(shape, out)]
+    new = [
+        sizes.size(e) if s != -1 and (sizes.touches(e) or _measures_pruned(s, nodes, sizes)) else s
+        for s, e in zip(shape, out)
+    ]
     if new == shape:
         return False
     node.args = (node.args[0], tuple(new)) if packed else (node.args[0], *new)
     return True
+
+
+def _measures_pruned(value: Any, nodes: dict[str, Any], sizes: Sizes) -> bool:
+    """Whether a size computed in the graph (``x.shape[i]``, ``x.size(i)``, arithmetic on
+    them) reads a pruned axis, so that it changes value once the model shrinks."""
+    if not isinstance(value, fx.Node):
+        return False
+    if isinstance(value.meta.get(VALUE), TensorMeta):  # numel(), a tensor used as a size
+        axes = nodes.get(value.name)
+        return isinstance(axes, tuple) and any(sizes.touches(e) for e in axes)
+    if value.op == "call_method" and value.target == "size" and len(value.args) > 1:
+        axes = nodes.get(value.args[0].name)
+        return isinstance(axes, tuple) and sizes.touches(axes[value.args[1]])
+    if value.op == "call_function" and value.target is operator.getitem:
+        source, index = value.args
+        if isinstance(source, fx.Node) and isinstance(index, int) and _reads_shape(source):
+            axes = nodes.get(source.args[0].name)
+            return isinstance(axes, tuple) and sizes.touches(axes[index])
+    if _reads_shape(value):
+        axes = nodes.get(value.args[0].name)
+        return isinstance(axes, tuple) and any(sizes.touches(e) for e in axes)
+    return any(_measures_pruned(a, nodes, sizes) for a in value.all_input_nodes)
+
+
+def _reads_shape(node: fx.Node) -> bool:
+    """``x.shape`` / ``x.size()`` (a whole shape)."""
+    if node.op == "call_function" and node.target is getattr and node.args[1] == "shape":
+        return True
+    return node.op == "call_method" and node.target == "size" and len(node.args) == 1
 
 
 def _unflatten(node: fx.Node, nodes: dict[str, Any], sizes: Sizes) -> bool:

@@ -16,6 +16,7 @@ Needs what :mod:`passes.shrink` needs. Does, in place on the GraphModule:
 from __future__ import annotations
 
 import operator
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -173,7 +174,10 @@ def masked_var(x: torch.Tensor, keep: torch.Tensor, dims: Any, correction: float
 
 
 def _masked_statistics(gm: fx.GraphModule, node: fx.Node, nodes: dict[str, Any], sizes: Sizes, counter: Any) -> None:
-    key = type(gm.get_submodule(str(node.target))) if node.op == "call_module" else node.target
+    if node.op == "call_module":
+        key: object = parametrize.type_before_parametrizations(gm.get_submodule(str(node.target)))
+    else:
+        key = node.target
     handler = STATISTICS.get(key)
     if handler is None or not node.args or not isinstance(node.args[0], fx.Node):
         return
@@ -197,7 +201,9 @@ def _constant(gm: fx.GraphModule, node: fx.Node, value: torch.Tensor, counter: A
 def _attr(gm: fx.GraphModule, node: fx.Node, attr: str) -> fx.Node | None:
     if getattr(gm.get_submodule(str(node.target)), attr, None) is None:
         return None
-    with gm.graph.inserting_before(node):
+    with gm.graph.inserting_before(node), warnings.catch_warnings():
+        # a parametrized attribute is a property, which fx's get_attr check does not see
+        warnings.filterwarnings("ignore", "Attempted to insert a get_attr Node")
         return gm.graph.get_attr(f"{node.target}.{attr}")
 
 
@@ -215,7 +221,7 @@ def _layer_norm_module(gm: fx.GraphModule, node: fx.Node, x: tuple[Expr, ...], s
         return
     keep_node = _constant(gm, node, keep, counter)
     weight = _attr(gm, node, "weight")
-    if isinstance(m, nn.RMSNorm):
+    if parametrize.type_before_parametrizations(m) is nn.RMSNorm:
         _replace(node, masked_rms_norm, (node.args[0], keep_node, weight, m.eps))
     else:
         _replace(node, masked_layer_norm, (node.args[0], keep_node, weight, _attr(gm, node, "bias"), m.eps))

@@ -92,4 +92,13 @@ def _table() -> dict[object, object]:
     return table
 
 
-RULES = _table()
+def _optional_identities() -> dict[object, object]:
+    """Per-sample ops of optional libraries whose output has the input's axes."""
+    try:
+        from torchvision.ops import stochastic_depth
+    except ImportError:
+        return {}
+    return {stochastic_depth: identity}  # drops whole samples: channels are untouched
+
+
+RULES = {**_table(), **_optional_identities()}
