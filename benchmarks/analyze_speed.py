@@ -9,7 +9,7 @@ Run::
 Three sections, each a markdown table with pass/fail against the targets:
 
 1. torchvision models (weights=None, eval mode, model and a ``(1, 3, 224, 224)`` input on
-   ``meta``): median seconds over ``--repeats`` runs (after one warm-up) of
+   ``meta``): median seconds over ``--repeats`` runs, after one warm-up, of
    ``depgraph.analyze(model, x)``, ``torch.fx.symbolic_trace(model)``, and Torch-Pruning's
    ``DependencyGraph().build_dependency(model, example_inputs=x)`` followed by consuming
    ``get_all_groups(root_module_types=[Conv2d, Linear])``. Targets: depgraph within 8x of
@@ -19,7 +19,10 @@ Three sections, each a markdown table with pass/fail against the targets:
    tools; the growth exponent (least-squares slope of log time over log depth, depths >= 32)
    is the target: <= 1.15 for depgraph, i.e. linear.
 
-A failure of a tool on a model is written in its cell. Writes ``--out`` (by default
+Times are this process's CPU time by default (``--clock cpu``: all three tools run
+single-threaded on meta tensors, and CPU time is far less disturbed by other jobs on a
+shared machine than wall time); ``--clock wall`` measures wall time. A failure of a
+tool on a model is written in its cell. Writes ``--out`` (by default
 ``benchmarks/results/analyze_speed.md`` when no subset option is given, else nowhere).
 """
 
@@ -30,6 +33,7 @@ import contextlib
 import cProfile
 import math
 import pstats
+import time
 import warnings
 from collections.abc import Callable
 from functools import partial
@@ -50,6 +54,9 @@ MUST_BEAT_TP = {"densenet121", "vit_b_16"}
 DEPTHS = [8, 16, 32, 64, 128, 256]
 FX_TARGET, TP_TARGET, RESOLUTION_TARGET, SLOPE_TARGET = 8.0, 1.5, 1.3, 1.15
 
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+Measure = Callable[[Callable[[], Any]], float | str]
+
 warnings.filterwarnings("ignore", module="torch_pruning")
 
 
@@ -68,10 +75,10 @@ def tools(model: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], Any]]:
     }
 
 
-def timed(fn: Callable[[], Any], repeats: int) -> float | str:
-    """Median seconds of ``fn``, or the error's first line if it raises."""
+def timed(fn: Callable[[], Any], repeats: int, clock: Callable[[], float] = time.process_time) -> float | str:
+    """Median seconds of ``fn`` on ``clock``, or the error's first line if it raises."""
     try:
-        return median_time(fn, repeats)
+        return median_time(fn, repeats, clock=clock)
     except Exception as exc:  # noqa: BLE001 -- written into the table cell
         return first_line(exc)
 
@@ -94,12 +101,12 @@ def verdict(value: float | None, limit: float, strict: bool = False) -> str:
     return f"{value:.2f} {'pass' if ok else 'FAIL'}"
 
 
-def model_section(names: list[str], repeats: int) -> str:
+def model_section(names: list[str], measure: Measure) -> str:
     """Table 1: the three tools on torchvision models, with the ratio targets."""
     rows = []
     for name in names:
         model, _ = build(name)
-        t = {tool: timed(fn, repeats) for tool, fn in tools(model, image_input(model, name)).items()}
+        t = {tool: measure(fn) for tool, fn in tools(model, image_input(model, name)).items()}
         tp_limit, strict = (1.0, True) if name in MUST_BEAT_TP else (TP_TARGET, False)
         rows.append([name, seconds(t["depgraph"]), seconds(t["fx"]), seconds(t["TP"]),
                      verdict(ratio(t["depgraph"], t["fx"]), FX_TARGET),
@@ -110,13 +117,13 @@ def model_section(names: list[str], repeats: int) -> str:
     return markdown_table(header, rows)
 
 
-def resolution_section(names: list[str], repeats: int) -> str:
+def resolution_section(names: list[str], measure: Measure) -> str:
     """Table 2: depgraph at 640x640 against 224x224."""
     rows = []
     for name in names:
         model, _ = build(name)
-        small = timed(partial(depgraph.analyze, model, image_input(model, name, 224)), repeats)
-        large = timed(partial(depgraph.analyze, model, image_input(model, name, 640)), repeats)
+        small = measure(partial(depgraph.analyze, model, image_input(model, name, 224)))
+        large = measure(partial(depgraph.analyze, model, image_input(model, name, 640)))
         rows.append([name, seconds(small), seconds(large), verdict(ratio(large, small), RESOLUTION_TARGET)])
         print(" | ".join(rows[-1]), flush=True)
     return markdown_table(["model", "224 s", "640 s", f"640/224 (<= {RESOLUTION_TARGET:g})"], rows)
@@ -153,7 +160,7 @@ def growth(depths: list[int], times: list[float | str]) -> float | None:
     return sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
 
 
-def depth_section(depths: list[int], repeats: int) -> str:
+def depth_section(depths: list[int], measure: Measure) -> str:
     """Table 3: the three tools on the synthetic residual network, time per block, growth exponents."""
     times: dict[str, list[float | str]] = {"depgraph": [], "fx": [], "TP": []}
     rows = []
@@ -161,7 +168,7 @@ def depth_section(depths: list[int], repeats: int) -> str:
         x = torch.zeros(1, 3, 32, 32, device="meta")
         row: list[str] = [str(depth)]
         for tool, fn in tools(residual_net(depth), x).items():
-            times[tool].append(timed(fn, repeats))
+            times[tool].append(measure(fn))
             t = times[tool][-1]
             row += [seconds(t), f"{1000 * t / depth:.2f}" if isinstance(t, float) else "-"]
         rows.append(row)
@@ -217,6 +224,8 @@ def main() -> None:
     parser.add_argument("--models", help=f"comma-separated torchvision models (default: {','.join(MODELS)})")
     parser.add_argument("--depths", help=f"comma-separated block counts (default: {','.join(map(str, DEPTHS))})")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement, after 1 warm-up")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",
+                        help="cpu: process CPU time (default; less disturbed by other jobs), wall: wall time")
     parser.add_argument("--out", type=Path, help="markdown file to write (default: results/analyze_speed.md "
                         "when --models and --depths are not given, else none)")
     parser.add_argument("--profile", help="comma-separated models to profile with cProfile instead of timing")
@@ -226,14 +235,15 @@ def main() -> None:
         return
     names = args.models.split(",") if args.models else MODELS
     depths = [int(d) for d in args.depths.split(",")] if args.depths else DEPTHS
+    measure = partial(timed, repeats=args.repeats, clock=CLOCKS[args.clock])
     resolution = [n for n in ("resnet50", "convnext_tiny") if n in names]
     text = "\n\n".join([
         "# depgraph.analyze speed", environment(),
-        (f"Median of {args.repeats} runs after 1 warm-up; models and inputs on `meta`; "
+        (f"Median {args.clock} time of {args.repeats} runs after 1 warm-up; models and inputs on `meta`; "
          f"Torch-Pruning {version('torch-pruning')}."),
-        "## torchvision models (224x224)", model_section(names, args.repeats),
-        "## Input resolution", resolution_section(resolution, args.repeats),
-        "## Depth (synthetic residual network, 32x32 input, width 16)", depth_section(depths, args.repeats),
+        "## torchvision models (224x224)", model_section(names, measure),
+        "## Input resolution", resolution_section(resolution, measure),
+        "## Depth (synthetic residual network, 32x32 input, width 16)", depth_section(depths, measure),
     ])
     print(text)
     out = args.out or (None if args.models or args.depths else RESULTS / "analyze_speed.md")

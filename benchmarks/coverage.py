@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from torch import fx
 
 import depgraph
 
-HEADER = ["model", "built on", "fx traces", "analyzed", "groups", "unsupported ops", "analyze s", "error"]
+HEADER = ["model", "built on", "fx traces", "analyzed", "groups", "unsupported ops (count: which)", "analyze s (one cold run)", "error"]
 
 
 @dataclass
@@ -41,7 +42,7 @@ class Row:
     traced: str = "-"
     analyzed: bool = False
     groups: int | str = "-"
-    unsupported: int | str = "-"
+    unsupported: str = "-"
     seconds: str = "-"
     error: str = ""
 
@@ -69,11 +70,18 @@ def cover(name: str) -> Row:
     try:
         analysis = depgraph.analyze(model, x)
     except Exception as exc:  # noqa: BLE001 -- reported in the table, not raised
-        row.error = first_line(exc)
+        row.error = first_line(exc, limit=240)
         return row
     row.seconds = f"{time.perf_counter() - start:.3f}"
-    row.analyzed, row.groups, row.unsupported = True, len(analysis.groups), len(analysis.unsupported)
+    row.analyzed, row.groups = True, len(analysis.groups)
+    row.unsupported = unsupported_summary([u.op for u in analysis.unsupported])
     return row
+
+
+def unsupported_summary(ops: list[str]) -> str:
+    """``"23: stochastic_depth x18, layer_norm x5"`` (short op names, most frequent first), or ``"0"``."""
+    counts = Counter(op.rpartition(".")[2] for op in ops)
+    return f"{len(ops)}: " + ", ".join(f"{op} x{n}" for op, n in counts.most_common()) if ops else "0"
 
 
 def report(rows: list[Row]) -> str:

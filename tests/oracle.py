@@ -26,7 +26,6 @@ import operator
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from torch.utils._pytree import tree_map
 
@@ -62,7 +61,9 @@ def check_group(model: nn.Module, example_inputs: Any, analysis: Analysis, group
     runner = _Runner(model, example_inputs)
     removed = {(m.name, m.dim): m.indices([0]) for m in group.members}
     error = runner.error(removed)
-    assert error is None, f"group {group.index} is not complete: removing unit 0 of every member fails: {error}"
+    assert error is None, (
+        f"group {group.index} is not complete: removing unit 0 of every member fails: {error}"
+    )
     if len(removed) < 2:
         return  # leaving the only member out removes nothing: minimality is vacuous
     for key in removed:
@@ -184,9 +185,11 @@ def _surviving_blocks(size: int, blocks: int, removed: torch.Tensor) -> int:
 # -- groups that reach a constant size ---------------------------------------------
 
 _SAFE_MODULES = (
-    nn.Linear, nn.Embedding, nn.modules.batchnorm._BatchNorm, nn.PReLU,
+    nn.Linear, nn.Embedding, nn.modules.batchnorm._BatchNorm, nn.PReLU, nn.Softmax2d,
     nn.modules.conv._ConvNd, nn.modules.instancenorm._InstanceNorm,
+    nn.MultiheadAttention,  # its rule pins every axis tied to embed_dim and num_heads
 )
+"""Modules whose forward reads no size attribute a group may change (or one rewritten above)."""
 _AFFINE_MODULES = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)
 _SIZED = {"view", "reshape", "expand", "new_zeros", "new_ones", "new_empty", "new_full",
           torch.reshape, torch.zeros, torch.ones, torch.empty, torch.full, torch.rand, torch.randn}
@@ -217,19 +220,25 @@ def _dims(touched: Touched, node: Any) -> set[int]:
 
 def _check_module(gm: fx.GraphModule, node: fx.Node, touched: Touched, owners: set[str]) -> str | None:
     module = gm.get_submodule(str(node.target))
-    reached = node.target in owners or any(_dims(touched, a) for a in (node, *node.all_input_nodes))
+    prefix = f"{node.target}."
+    reached = any(o == node.target or o.startswith(prefix) for o in owners) or any(
+        _dims(touched, a) for a in (node, *node.all_input_nodes)
+    )
     if not reached or isinstance(module, _SAFE_MODULES):
         return None
     if isinstance(module, _AFFINE_MODULES) and getattr(module, "weight", None) is not None:
         return None
-    return f"{type(module).__name__} module '{node.target}' reads sizes from attributes the oracle does not rewrite"
+    return (
+        f"{type(module).__name__} module '{node.target}' reads sizes from attributes "
+        "the oracle does not rewrite"
+    )
 
 
 def _check_call(gm: fx.GraphModule, node: fx.Node, touched: Touched, owners: set[str]) -> str | None:
     out = _dims(touched, node)
     if node.target in _SIZED and out:
         literal = _literal_sizes(node)
-        fixed = sorted(d for d in out if d < len(literal) and isinstance(literal[d], int) and literal[d] != -1)
+        fixed = sorted(d for d in out if d < len(literal) and _is_literal(literal[d]))
         if fixed:
             return f"{node.target} has literal sizes {literal} at pruned dims {fixed}"
     if node.target in _SPLITS:
@@ -255,6 +264,10 @@ def _literal_sizes(node: fx.Node) -> list[Any]:
     return list(args)
 
 
+def _is_literal(size: Any) -> bool:
+    return isinstance(size, int) and size != -1
+
+
 def _check_split(node: fx.Node, touched: Touched) -> str | None:
     source = node.args[0]
     dim = _arg(node, 2, "dim", 0)
@@ -263,7 +276,7 @@ def _check_split(node: fx.Node, touched: Touched) -> str | None:
     if member is None:
         return None
     sizes = [p.shape[dim] for p in _value(node)]
-    by_count = node.target in ("chunk", torch.chunk) or isinstance(node.args[1], fx.Node)
+    by_count = node.target in ("chunk", torch.chunk) or len(node.all_input_nodes) > 1
     lost = member.indices([0])
     counts = [int(((lo <= lost) & (lost < lo + n)).sum()) for lo, n in _offsets(sizes)]
     if by_count and len(set(counts)) == 1:
@@ -275,15 +288,22 @@ def _check_slice(node: fx.Node, touched: Touched) -> str | None:
     source, index = node.args
     if not isinstance(source, fx.Node) or not isinstance(_value(source), TensorMeta):
         return None
-    shape = _value(source).shape
-    dims = _dims(touched, source)
+    shape, dims = _value(source).shape, _dims(touched, source)
+    items = index if isinstance(index, tuple) else (index,)
+    used = sum(1 for i in items if i is not None and i is not Ellipsis)
     k = 0
-    for item in index if isinstance(index, tuple) else (index,):
-        if isinstance(item, slice) and k in dims and item.indices(shape[k]) != (0, shape[k], 1):
-            if not any(isinstance(b, fx.Node) for b in (item.start, item.stop, item.step)):
-                return f"slice {item} at fixed offsets of pruned dim {k}"
-        k += 0 if item is None else (len(shape) - len(index) + 1 if item is Ellipsis else 1)
+    for item in items:
+        if isinstance(item, slice) and k in dims and _fixed_part(item, shape[k]):
+            return f"slice {item} at fixed offsets of pruned dim {k}"
+        k += len(shape) - used if item is Ellipsis else 0 if item is None else 1
     return None
+
+
+def _fixed_part(item: slice, size: int) -> bool:
+    """Whether a slice with literal bounds keeps a proper part of an axis of ``size``."""
+    if any(isinstance(b, fx.Node) for b in (item.start, item.stop, item.step)):
+        return False
+    return item.indices(size) != (0, size, 1)
 
 
 def _offsets(sizes: list[int]) -> list[tuple[int, int]]:
