@@ -359,8 +359,19 @@ def _group_norm_args(node: fx.Node, nodes: dict[str, Any], sizes: Sizes) -> bool
     return True
 
 
+def _channel_shuffle(node: fx.Node, nodes: dict[str, Any], sizes: Sizes) -> bool:
+    x = nodes[node.args[0].name]
+    groups = node.args[1]
+    new = _groups_from(x[1], groups, sizes)
+    if new == groups:
+        return False
+    node.args = (node.args[0], new, *node.args[2:])
+    return True
+
+
 GRAPH_REWRITES: dict[object, Callable[[fx.Node, dict[str, Any], Sizes], bool]] = {
-    **dict.fromkeys(("view", "reshape", "expand", torch.reshape), _shape_args),
+    **dict.fromkeys(("view", "reshape", "expand", "broadcast_to", torch.reshape, torch.broadcast_to), _shape_args),
+    **dict.fromkeys((torch.channel_shuffle, torch.native_channel_shuffle, F.channel_shuffle), _channel_shuffle),
     **dict.fromkeys(("unflatten", torch.unflatten), _unflatten),
     **dict.fromkeys(("split", "chunk", "tensor_split", torch.split, torch.chunk, torch.tensor_split), _split),
     operator.getitem: _getitem,

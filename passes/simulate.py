@@ -92,8 +92,10 @@ def _mask_parameters(gm: fx.GraphModule, params: dict[str, tuple[Expr, ...]], si
             continue
         owner_name, _, attr = name.rpartition(".")
         owner = gm.get_submodule(owner_name)
-        if not isinstance(getattr(owner, attr), nn.Parameter):
-            continue  # buffers (running statistics) need no mask: activations are masked
+        if owner is gm or not isinstance(getattr(owner, attr), nn.Parameter):
+            # buffers (running statistics) and the graph module's own attributes (a
+            # parametrization would replace its class) need none: activations are masked
+            continue
         parametrize.register_parametrization(owner, attr, Mask(_broadcast_mask(axes, sizes)), unsafe=True)
 
 
