@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.utils._pytree import tree_map
 
@@ -73,7 +74,21 @@ _FAST_SHAPES: dict[type, Any] = {
 is a slow Python decomposition) makes shape propagation several times faster."""
 
 
+_SAME_AS_INPUT = frozenset({
+    F.relu, F.relu6, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid, F.hardtanh, F.elu,
+    F.leaky_relu, F.sigmoid, F.tanh, F.softplus, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+    torch.relu, torch.sigmoid, torch.tanh,
+})
+"""Unary functions whose output has the input's shape and dtype; their meta kernels are
+Python decompositions, so skipping them saves most of the remaining shape time."""
+
+
 class _ShapeInterpreter(fx.Interpreter):
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        if target in _SAME_AS_INPUT and args and isinstance(args[0], torch.Tensor):
+            return torch.empty_like(args[0])
+        return super().call_function(target, args, kwargs)
+
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
         m = self.fetch_attr(target)
         fast = _FAST_SHAPES.get(type(m))
