@@ -13,9 +13,10 @@ from .analyze import analyze, infer_inputs
 from .apply import prune, simulate, unsimulate
 from .groups import ActivationMember, Analysis, Group, Member, Pinned
 from .plan import Plan, Reconciliation
+from .solver import solve
 
 __all__ = [
-    "analyze", "infer_inputs", "prune", "simulate", "unsimulate", "Plan", "Reconciliation", "Analysis", "Group", "Member", "ActivationMember", "Pinned",
+    "analyze", "infer_inputs", "solve", "prune", "simulate", "unsimulate", "Plan", "Reconciliation", "Analysis", "Group", "Member", "ActivationMember", "Pinned",
     "DepgraphError", "TraceError", "ShapeError", "InputError", "PlanError",
 ]
 __version__ = "0.1.0"

@@ -39,6 +39,9 @@ class Plan:
 
     ``fingerprint`` identifies the analysis the plan was made for; ``inputs`` records
     the example inputs' shapes so a fresh model can be re-analyzed to apply it.
+    ``settings`` maps a target (``"fc.weight"``, ``"attn._input_"``) to the settings a
+    config list gave it (``{"apply_method": "add"}``); they are recorded, and saved,
+    for the appliers (which do not read them yet).
     """
 
     keep: dict[int, torch.Tensor]
@@ -46,6 +49,7 @@ class Plan:
     fingerprint: str
     inputs: tuple[Any, ...] = ()
     reconciliation: Reconciliation | None = field(default=None, compare=False)
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False)
 
     # -- construction ----------------------------------------------------------
 
@@ -120,8 +124,8 @@ class Plan:
     # -- persistence ------------------------------------------------------------
 
     def save(self, path: str | Path) -> None:
-        """Write the plan as JSON (kept units, group sizes, fingerprint, input shapes)."""
-        data = {
+        """Write the plan as JSON (kept units, group sizes, fingerprint, input shapes, settings)."""
+        data: dict[str, Any] = {
             "format": "depgraph.plan/1",
             "fingerprint": self.fingerprint,
             "inputs": [_input_json(x) for x in self.inputs],
@@ -129,6 +133,8 @@ class Plan:
                 {"index": i, "size": self.sizes[i], "keep": self.keep[i].tolist()} for i in sorted(self.keep)
             ],
         }
+        if self.settings:
+            data["settings"] = self.settings
         Path(path).write_text(json.dumps(data, indent=1))
 
     @classmethod
@@ -140,7 +146,8 @@ class Plan:
             keep = {int(g["index"]): torch.tensor(g["keep"], dtype=torch.long) for g in groups}
             sizes = {int(g["index"]): int(g["size"]) for g in groups}
             inputs = tuple(_input_from_json(x) for x in data["inputs"])
-            return cls(keep, sizes, str(data["fingerprint"]), inputs)
+            settings = {str(k): dict(v) for k, v in data.get("settings", {}).items()}
+            return cls(keep, sizes, str(data["fingerprint"]), inputs, settings=settings)
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(f"{path} is not a depgraph plan: {exc}") from exc
 
