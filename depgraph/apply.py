@@ -50,7 +50,10 @@ def simulate(model: nn.Module, plan: Plan, inplace: bool = False) -> fx.GraphMod
     (traced in the model's current train/eval mode); with ``inplace`` the caller's
     modules carry the parametrizations. A ``state_dict`` of the result stores each
     masked parameter as ``...parametrizations.<name>.original`` (unmasked) plus the
-    masks; call :func:`unsimulate` first to get plain parameter names back.
+    masks; call :func:`unsimulate` first to get plain parameter names back. Apply
+    methods recorded in ``plan.settings`` by a config list are honoured: ``bypass``
+    leaves a parameter unmasked, ``add`` on ``<module>._input_`` / ``._output_`` puts a
+    large negative in removed positions (for a softmax that follows).
 
     Examples
     --------
@@ -63,7 +66,8 @@ def simulate(model: nn.Module, plan: Plan, inplace: bool = False) -> fx.GraphMod
     True
     """
     _, analysis, removed = _prepare(model, plan, inplace)
-    simulate_graph(analysis.graph, analysis.params, analysis.nodes, removed)
+    methods = {t: s["apply_method"] for t, s in plan.settings.items() if "apply_method" in s}
+    simulate_graph(analysis.graph, analysis.params, analysis.nodes, removed, methods)
     return analysis.graph
 
 

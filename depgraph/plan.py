@@ -40,8 +40,8 @@ class Plan:
     ``fingerprint`` identifies the analysis the plan was made for; ``inputs`` records
     the example inputs' shapes so a fresh model can be re-analyzed to apply it.
     ``settings`` maps a target (``"fc.weight"``, ``"attn._input_"``) to the settings a
-    config list gave it (``{"apply_method": "add"}``); they are recorded, and saved,
-    for the appliers (which do not read them yet).
+    config list gave it (``{"apply_method": "add"}``); they are saved with the plan and
+    :func:`depgraph.simulate` honours the apply methods.
     """
 
     keep: dict[int, torch.Tensor]

@@ -25,6 +25,7 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from .dims import Atom, Expr
+from .errors import InputError
 from .meta import VALUE, TensorMeta
 from .shrink import Sizes
 
@@ -51,22 +52,58 @@ def simulate_graph(
     params: dict[str, tuple[Expr, ...]],
     nodes: dict[str, Any],
     removed: dict[Atom, torch.Tensor],
+    methods: dict[str, str] | None = None,
 ) -> None:
-    """Insert masks into ``gm`` so it computes what shrinking it would (see module doc)."""
+    """Insert masks into ``gm`` so it computes what shrinking it would (see module doc).
+
+    ``methods`` maps a target to an apply method: ``"<param>": "bypass"`` leaves that
+    parameter unmasked (activations are still masked, so the result stays exact);
+    ``"<module>._output_": "add"`` / ``"<module>._input_": "add"`` put a large negative
+    instead of zero in removed positions of that module's output / first input (for a
+    softmax that follows); ``"mul"`` is the default everywhere.
+    """
+    methods = methods or {}
+    _check_methods(gm, methods)
     sizes = Sizes(removed)
-    _mask_parameters(gm, params, sizes)
+    _mask_parameters(gm, params, sizes, {t for t, m in methods.items() if m == "bypass"})
     counter = iter(range(1 << 30))
     for node in list(gm.graph.nodes):
         if node.op in ("placeholder", "output") or node.meta.get("depgraph_mask"):
             continue
         if node.op != "get_attr":
             _masked_statistics(gm, node, nodes, sizes, counter)
+        if node.op == "call_module" and methods.get(f"{node.target}._input_") == "add":
+            _add_input_mask(gm, node, nodes, sizes, counter)
         axes = nodes.get(node.name)
         if isinstance(axes, tuple) and isinstance(node.meta.get(VALUE), TensorMeta):
             if any(sizes.touches(e) for e in axes):
-                _mask_output(gm, node, _broadcast_mask(axes, sizes), counter)
+                add = node.op == "call_module" and methods.get(f"{node.target}._output_") == "add"
+                _mask_output(gm, node, _broadcast_mask(axes, sizes), counter, "add" if add else "mul")
     gm.graph.lint()
     gm.recompile()
+
+
+def _check_methods(gm: fx.GraphModule, methods: dict[str, str]) -> None:
+    for target, method in methods.items():
+        if method not in ("mul", "add", "bypass"):
+            raise InputError(f"apply method for {target!r} must be 'mul', 'add' or 'bypass', got {method!r}")
+        if method == "add" and not target.endswith(("._input_", "._output_")):
+            raise InputError(f"apply method 'add' is for activations: use it on '<module>._input_' or "
+                             f"'<module>._output_', not {target!r}")
+
+
+def _add_input_mask(gm: fx.GraphModule, node: fx.Node, nodes: dict[str, Any], sizes: Sizes, counter: Any) -> None:
+    source = node.args[0]
+    while isinstance(source, fx.Node) and source.meta.get("depgraph_mask") == "mul":
+        source = source.args[0]
+    axes = nodes.get(source.name) if isinstance(source, fx.Node) else None
+    if not isinstance(axes, tuple) or not any(sizes.touches(e) for e in axes):
+        return
+    offset = _constant(gm, node, (_broadcast_mask(axes, sizes) - 1) * -NEGATIVE, counter)
+    with gm.graph.inserting_before(node):
+        shifted = gm.graph.call_function(operator.add, (node.args[0], offset))
+    shifted.meta["depgraph_mask"] = "add"
+    node.args = (shifted, *node.args[1:])
 
 
 def remove_simulation(gm: fx.GraphModule) -> None:
@@ -76,19 +113,22 @@ def remove_simulation(gm: fx.GraphModule) -> None:
         if parametrize.is_parametrized(module):
             for name in list(module.parametrizations.keys()):
                 parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+    for kind in ("add", "mul"):
+        for node in list(gm.graph.nodes):
+            if node.meta.get("depgraph_mask") == kind:
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
     for node in list(gm.graph.nodes):
-        if node.meta.get("depgraph_mask") == "mul":
-            node.replace_all_uses_with(node.args[0])
-            gm.graph.erase_node(node)
-    for node in list(gm.graph.nodes):
-        if node.meta.get("depgraph_mask") == "buffer" and not node.users:
+        if node.meta.get("depgraph_mask") in ("buffer", "constant") and not node.users:
             gm.graph.erase_node(node)
     gm.recompile()
 
 
-def _mask_parameters(gm: fx.GraphModule, params: dict[str, tuple[Expr, ...]], sizes: Sizes) -> None:
+def _mask_parameters(
+    gm: fx.GraphModule, params: dict[str, tuple[Expr, ...]], sizes: Sizes, bypass: set[str]
+) -> None:
     for name, axes in params.items():
-        if not any(sizes.touches(e) for e in axes):
+        if name in bypass or not any(sizes.touches(e) for e in axes):
             continue
         owner_name, _, attr = name.rpartition(".")
         owner = gm.get_submodule(owner_name)
@@ -109,7 +149,8 @@ def _broadcast_mask(axes: tuple[Expr, ...], sizes: Sizes) -> torch.Tensor:
     return mask
 
 
-def _mask_output(gm: fx.GraphModule, node: fx.Node, mask: torch.Tensor, counter: Any) -> None:
+def _mask_output(gm: fx.GraphModule, node: fx.Node, mask: torch.Tensor, counter: Any, method: str) -> None:
+    """Follow ``node`` with ``x * mask`` (``mul``) or ``x * mask + (mask - 1) * 1e9`` (``add``)."""
     buffer = f"{MASK_PREFIX}{next(counter)}"
     gm.register_buffer(buffer, mask)
     with gm.graph.inserting_after(node):
@@ -118,6 +159,14 @@ def _mask_output(gm: fx.GraphModule, node: fx.Node, mask: torch.Tensor, counter:
     with gm.graph.inserting_after(get):
         mul = gm.graph.call_function(operator.mul, (node, get))
         mul.meta["depgraph_mask"] = "mul"
+    if method == "add":
+        offset = _constant(gm, node, (mask - 1) * -NEGATIVE, counter)
+        offset.meta["depgraph_mask"] = "buffer"
+        with gm.graph.inserting_after(mul):
+            shifted = gm.graph.call_function(operator.add, (mul, offset))
+        shifted.meta["depgraph_mask"] = "add"
+        node.replace_all_uses_with(shifted, delete_user_cb=lambda user: user is not mul)
+        return
     node.replace_all_uses_with(mul, delete_user_cb=lambda user: user is not mul)
 
 
