@@ -7,6 +7,7 @@ import copy
 import torch
 from torch import fx, nn
 
+from passes.errors import DepgraphError, PlanError
 from passes.meta import TensorMeta
 from passes.shrink import shrink
 from passes.simulate import remove_simulation, simulate_graph
@@ -78,13 +79,22 @@ def unsimulate(model: fx.GraphModule) -> fx.GraphModule:
 
 
 def _prepare(model: nn.Module, plan: Plan, inplace: bool) -> tuple[nn.Module, Analysis, dict]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(plan, Plan):
-        raise TypeError(f"plan must be a depgraph.Plan, got {type(plan).__name__}")
+        raise TypeError(f"plan must be a depgraph.Plan, got {type(plan).__name__}: make one with depgraph.solve or Plan.from_keep")
     inputs = tuple(
         torch.empty(x.shape, dtype=x.dtype, device="meta") if isinstance(x, TensorMeta) else x for x in plan.inputs
     )
     target = model if inplace else copy.deepcopy(model)
-    analysis = analyze(target, inputs)  # analyze changes nothing, so a failed check leaves model intact
+    try:
+        analysis = analyze(target, inputs)  # analyze changes nothing, so a failed check leaves model intact
+    except DepgraphError as exc:
+        shapes = [list(x.shape) for x in plan.inputs if isinstance(x, TensorMeta)]
+        raise PlanError(
+            f"this plan was made for a model taking inputs of shape {shapes}, which this model cannot run: "
+            f"{exc}. Make the plan from depgraph.analyze() of this model"
+        ) from exc
     plan.check(analysis)
     removed = {analysis.groups[i].atom: plan.removed(i) for i in plan.keep if len(plan.removed(i))}
     return target, analysis, removed

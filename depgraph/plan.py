@@ -158,6 +158,9 @@ class Plan:
                 "this plan was made for a different analysis (its group structure differs): "
                 "solve or build the plan from depgraph.analyze() of this model with the same inputs"
             )
+        sizes = {g.index: g.size for g in analysis.groups}
+        for index, units in self.keep.items():
+            _check_units(index, units, sizes)
 
 
 def _check_units(index: Any, units: Any, sizes: dict[int, int]) -> torch.Tensor:

@@ -121,6 +121,9 @@ def remove_simulation(gm: fx.GraphModule) -> None:
     for node in list(gm.graph.nodes):
         if node.meta.get("depgraph_mask") in ("buffer", "constant") and not node.users:
             gm.graph.erase_node(node)
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name in [b for b, _ in gm.named_buffers(recurse=False) if b.startswith(MASK_PREFIX) and b not in used]:
+        delattr(gm, name)
     gm.recompile()
 
 
