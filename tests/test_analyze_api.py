@@ -201,3 +201,20 @@ def test_tied_weights_appear_once() -> None:
         (8, [("up.weight", 0), ("up.bias", 0), ("down.weight", 1)]),
     ]
     assert [p.members for p in a.pinned if p.size == 10] == [(("emb.weight", 0),)]
+
+
+def test_a_leaf_module_that_cannot_be_related_pins_its_own_parameters():
+    class Opaque(torch.nn.Module):  # data-dependent output size: no rule, no ATen lowering
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(8, 8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nonzero_static(x @ self.w, size=4).float().sum() + x
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), Opaque(), torch.nn.Linear(8, 2))
+    a = depgraph.analyze(model, torch.zeros(2, 4), leaf_modules=["1"])
+    assert a.groups == []
+    assert [u.op for u in a.unsupported] == ["Opaque module '1'"]
+    reasons = {m: p.reason for p in a.pinned for m in p.members}
+    assert reasons[("1.w", 0)] == reasons[("1.w", 1)] == "Opaque module '1' has no rule"

@@ -79,8 +79,12 @@ def _node_axes(cx: Context, node: fx.Node, table: dict[object, Rule]) -> Axes:
 
 
 def _unsupported(cx: Context, node: fx.Node, reason: str) -> Axes:
+    why = f"{_op_name(node)} has no rule"
     for a in node.all_input_nodes:
         cx.pin(cx.axes.get(a), f"input of {_op_name(node)}, which has no rule")
+    if node.op == "call_module":  # a leaf module's own parameters are never pruned either
+        for name, _ in (*cx.module(node).named_parameters(), *cx.module(node).named_buffers()):
+            cx.pin(cx.param(f"{node.target}.{name}"), why)
     cx.unsupported.append(Unsupported(node.name, _op_name(node), reason))
     return cx.pinned_like(node.meta.get(VALUE), f"output of {_op_name(node)}, which has no rule")
 
