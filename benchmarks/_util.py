@@ -1,6 +1,6 @@
 """Helpers shared by the benchmark scripts: building models on ``meta``, timing, markdown.
 
-Not a script; ``coverage.py`` and ``analyze_speed.py`` import it (run them as
+Not a script; ``coverage.py``, ``analyze_speed.py`` and ``prune_speed.py`` import it (run them as
 ``python benchmarks/<script>.py`` so this directory is on ``sys.path``).
 """
 

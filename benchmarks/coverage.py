@@ -1,36 +1,72 @@
-"""Coverage of ``depgraph.analyze`` over every torchvision classification model.
+"""Coverage of ``depgraph`` over every torchvision classification model: analysis and equivalence.
 
 Run::
 
     python benchmarks/coverage.py                       # all models, writes results/coverage.md
+    python benchmarks/coverage.py --no-equivalence      # analysis columns only (quick)
     python benchmarks/coverage.py --models resnet18,vit_b_16   # a subset, printed only
     python benchmarks/coverage.py --models resnet18 --out /tmp/cov.md
 
-Each model is built with ``weights=None`` in eval mode on the ``meta`` device (on the
-CPU, then moved to meta, when its init cannot run on meta), with a ``(1, 3, 224, 224)``
-input (299 for inception_v3). For each: whether bare ``torch.fx.symbolic_trace``
+Analysis columns: each model is built with ``weights=None`` in eval mode on the ``meta``
+device (on the CPU, then moved to meta, when its init cannot run on meta), with a
+``(1, 3, 224, 224)`` input (299 for inception_v3): whether bare ``torch.fx.symbolic_trace``
 traces it, whether ``depgraph.analyze`` succeeds (else the error's first line), the
-number of groups and unsupported ops, and the analysis time. Every model runs under
-its own try/except, so one failure never stops the sweep. Prints a markdown table and
-the summary line ``N/M analyzed``; writes it to ``--out`` (by default
+number of groups and unsupported ops, and the analysis time.
+
+Equivalence columns (skipped with ``--no-equivalence``): the model is built again on the
+CPU with real random weights (``torch.manual_seed(0)``); a final classifier whose weight is
+all zeros (the ViT heads) is re-initialised from a normal distribution, and every batch
+norm gets the running statistics of its input on a random batch of 8 (random-init batch
+norms do not normalize: activations then fade until some outputs are the classifier bias
+alone, whatever the input). It is analyzed at a small input where the model allows
+(64x64; 75x75 for inception_v3; 224x224 for vit/swin/maxvit, which need it), a random
+plan keeps a random ``ceil(n / 2)`` of the ``n`` units of every group (seeded), and
+``depgraph.prune`` and ``depgraph.simulate`` are applied. On a batch of two random images
+(the analysis saw one), the model is *equivalent* when ``max |y_pruned - y_simulated| <=
+1e-4 * max |y_simulated|``, and *inconclusive* when it is, but the two images move the
+simulated output by no more than that tolerance (then an error in the part of the output
+that depends on the input could hide under it; deep random nets with half their units
+removed can collapse to a nearly constant output). The table gives that error relative to the output
+scale, the scale itself, the pruned model's parameter count over the original's, and the
+seconds the whole check took (build, calibrate, analyze, plan, prune, simulate, forwards).
+
+Every model runs in its own forked process (so memory is returned and a crash or an
+out-of-memory kill only loses that row; caches start cold for each model), under
+try/except, so one failure never stops the sweep. Prints a markdown table and the summary
+lines (``N/M analyzed``, ``N/M equivalent``, ``N/M inconclusive``); writes it to ``--out`` (by default
 ``benchmarks/results/coverage.md`` for a full run, nowhere for a subset).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import multiprocessing
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 
+import torch
 import torchvision
 from _util import RESULTS, build, environment, first_line, image_input, markdown_table, write
-from torch import fx
+from torch import fx, nn
 
 import depgraph
 
-HEADER = ["model", "built on", "fx traces", "analyzed", "groups", "unsupported ops (count: which)", "analyze s (one cold run)", "error"]
+HEADER = ["model", "built on", "fx traces", "analyzed", "groups", "unsupported ops (count: which)",
+          "analyze s (one cold run)", "equiv. input", "pruned", "equivalent (err / scale)", "output scale",
+          "params kept", "equiv. s", "error"]
+RTOL = 1e-4
+"""Allowed max |prune - simulate| relative to max |simulate|."""
+FULL_SIZE = ("vit_", "swin_", "maxvit_")
+"""Model name prefixes whose input size is fixed at 224."""
+TIMEOUT_S = 1200
+"""Seconds one model's process may take before its row records a timeout."""
+
+warnings.filterwarnings("ignore", category=FutureWarning, module="torchvision")  # inception/googlenet init
 
 
 @dataclass
@@ -44,16 +80,23 @@ class Row:
     groups: int | str = "-"
     unsupported: str = "-"
     seconds: str = "-"
+    size: str = "-"
+    pruned: str = "-"
+    equivalent: str = "-"
+    scale: str = "-"
+    kept: str = "-"
+    check_seconds: str = "-"
     error: str = ""
 
     def cells(self) -> list[object]:
         """The row's cells, in the order of ``HEADER``."""
-        return [self.model, self.built, self.traced, "yes" if self.analyzed else "no",
-                self.groups, self.unsupported, self.seconds, self.error]
+        return [self.model, self.built, self.traced, "yes" if self.analyzed else "no", self.groups,
+                self.unsupported, self.seconds, self.size, self.pruned, self.equivalent, self.scale,
+                self.kept, self.check_seconds, self.error]
 
 
 def cover(name: str) -> Row:
-    """Build, trace and analyze one model; never raises."""
+    """Build, trace and analyze one model on ``meta``; never raises."""
     row = Row(name)
     try:
         model, row.built = build(name)
@@ -84,31 +127,155 @@ def unsupported_summary(ops: list[str]) -> str:
     return f"{len(ops)}: " + ", ".join(f"{op} x{n}" for op, n in counts.most_common()) if ops else "0"
 
 
-def report(rows: list[Row]) -> str:
-    """The markdown page: environment, table, summary line."""
+def small_size(name: str) -> int:
+    """The smallest convenient input side: 224 for ViT/Swin/MaxViT, 75 for inception_v3, else 64."""
+    if name.startswith(FULL_SIZE):
+        return 224
+    return 75 if name == "inception_v3" else 64
+
+
+def real_model(name: str) -> nn.Module:
+    """``name`` on the CPU with seeded random weights, eval mode, and a classifier that is not all zeros."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    last = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+    if not last.weight.any():
+        with torch.no_grad():
+            nn.init.normal_(last.weight, std=last.weight[0].numel() ** -0.5)
+    return model
+
+
+def random_plan(analysis: depgraph.Analysis, seed: int = 0) -> depgraph.Plan:
+    """A plan keeping a random ``ceil(n / 2)`` of the ``n`` units of every group."""
+    gen = torch.Generator().manual_seed(seed)
+    keep = {g.index: torch.randperm(g.size, generator=gen)[: math.ceil(g.size / 2)] for g in analysis.groups}
+    return depgraph.Plan.from_keep(analysis, keep)
+
+
+def calibrate(model: nn.Module, x: torch.Tensor) -> None:
+    """Set every batch norm's running statistics to those of its input on ``x`` (in eval mode).
+
+    Random-init batch norms do not normalize, so activations shrink layer after layer
+    (googlenet's output is then its classifier bias alone, whatever the input).
+    """
+    def use_batch(bn: nn.modules.batchnorm._BatchNorm, args: tuple[torch.Tensor, ...]) -> None:
+        channels = args[0].transpose(0, 1).flatten(1)
+        mean, var = bn.running_mean, bn.running_var
+        if mean is not None and var is not None:  # without running stats, it uses the batch's anyway
+            mean.copy_(channels.mean(1))
+            var.copy_(channels.var(1))
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    handles = [m.register_forward_pre_hook(use_batch) for m in norms]
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+
+
+def verdict(ys: torch.Tensor, yp: torch.Tensor) -> str:
+    """``"yes (err)"`` / ``"NO (err)"`` with err = max |yp - ys| / max |ys|; ``"inconclusive"`` when
+    the two images of the batch move the simulated output by no more than the tolerance (an
+    error in the input-dependent part of the output could then hide under it)."""
+    scale = ys.abs().max().item()
+    err = (yp - ys).abs().max().item() / scale
+    moved = (ys[0] - ys[1]).abs().max().item() / scale
+    if err <= RTOL and moved <= RTOL:
+        return f"inconclusive ({err:.1e}; the input moves the output by {moved:.1e})"
+    return f"{'yes' if err <= RTOL else 'NO'} ({err:.1e})"
+
+
+def check_equivalence(name: str, row: Row) -> None:
+    """Fill the equivalence cells of ``row``: random plan, prune, simulate, compare; never raises."""
+    start = time.perf_counter()
+    side = small_size(name)
+    row.size = f"{side}x{side}"
+    try:
+        model = real_model(name)
+        x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(1))
+        calibrate(model, torch.randn(8, 3, side, side, generator=torch.Generator().manual_seed(2)))
+        plan = random_plan(depgraph.analyze(model, x[:1]))
+        with torch.no_grad():
+            pruned, simulated = depgraph.prune(model, plan), depgraph.simulate(model, plan)
+            row.pruned = "yes"
+            yp, ys = pruned(x), simulated(x)
+    except Exception as exc:  # noqa: BLE001 -- reported in the table, not raised
+        row.pruned = "no" if row.pruned == "-" else row.pruned
+        row.error = (row.error + "; " if row.error else "") + "equivalence: " + first_line(exc, limit=240)
+        return
+    row.equivalent, row.scale = verdict(ys, yp), f"{ys.abs().max().item():.1e}"
+    row.kept = f"{count(pruned) / count(model):.3f}"
+    row.check_seconds = f"{time.perf_counter() - start:.1f}"
+
+
+def count(model: nn.Module) -> int:
+    """Number of parameters of ``model``."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def worker(conn: Connection, name: str, equivalence: bool) -> None:
+    """Body of one model's process: analysis columns, then (optionally) equivalence; sends the row."""
+    row = cover(name)
+    if equivalence:
+        check_equivalence(name, row)
+    conn.send(row)
+    conn.close()
+
+
+def isolated(name: str, equivalence: bool) -> Row:
+    """Run :func:`worker` for ``name`` in a forked process; a crash or a timeout becomes the row's error."""
+    ctx = multiprocessing.get_context("fork")
+    receiver, sender = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=worker, args=(sender, name, equivalence))
+    proc.start()
+    sender.close()
+    try:
+        timeout = Row(name, error=f"timed out after {TIMEOUT_S} s")
+        row = receiver.recv() if receiver.poll(TIMEOUT_S) else timeout
+    except EOFError:
+        proc.join()
+        row = Row(name, error=f"worker process died (exit code {proc.exitcode}; out of memory?)")
+    proc.kill()
+    proc.join()
+    return row
+
+
+def report(rows: list[Row], equivalence: bool) -> str:
+    """The markdown page: environment, table, summary lines."""
+    n = len(rows)
     done = sum(r.analyzed for r in rows)
     traced = sum(r.traced == "yes" for r in rows)
+    lines = [f"{done}/{n} analyzed ({traced}/{n} traced by bare torch.fx)."]
+    if equivalence:
+        pruned = sum(r.pruned == "yes" for r in rows)
+        same = sum(r.equivalent.startswith("yes") for r in rows)
+        unsure = sum(r.equivalent.startswith("inconclusive") for r in rows)
+        lines += [f"{pruned}/{n} pruned and simulated, {same}/{n} equivalent "
+                  f"(max |prune - simulate| <= {RTOL:g} x max |simulate|), {unsure}/{n} inconclusive "
+                  f"(within the tolerance, but the two images move the output by <= {RTOL:g} of its scale)."]
     return "\n\n".join([
         "# depgraph coverage: torchvision classification models",
         environment(),
         markdown_table(HEADER, [r.cells() for r in rows]),
-        f"{done}/{len(rows)} analyzed ({traced}/{len(rows)} traced by bare torch.fx).",
+        *lines,
     ])
 
 
 def main() -> None:
     """Parse arguments, run the sweep, print and write the table."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", help="comma-separated subset of torchvision model names")
+    parser.add_argument("--no-equivalence", action="store_true", help="analysis columns only (quick)")
     parser.add_argument("--out", type=Path, help="markdown file to write (default: results/coverage.md "
                         "for a full run, none for a subset)")
     args = parser.parse_args()
-    names = args.models.split(",") if args.models else torchvision.models.list_models(module=torchvision.models)
+    everything = torchvision.models.list_models(module=torchvision.models)
+    names = args.models.split(",") if args.models else everything
     rows = []
     for name in names:
-        rows.append(cover(name))
+        rows.append(isolated(name, not args.no_equivalence))
         print(" | ".join(str(c) for c in rows[-1].cells()), flush=True)
-    text = report(rows)
+    text = report(rows, not args.no_equivalence)
     print(text)
     out = args.out or (None if args.models else RESULTS / "coverage.md")
     if out:

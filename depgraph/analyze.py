@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Collection
+from collections.abc import Collection
+from typing import Any
 
 import torch
 from torch import fx, nn
 
-from passes.errors import InputError, ShapeError
+from passes.errors import InputError, ShapeError, TraceError
 from passes.meta import TensorMeta
 from passes.rules import MODULE_TYPES, Context, relate
-from passes.shapes import propagate_shapes
-from passes.trace import trace_fx
+from passes.rules.aten import EXPORT_RULES
+from passes.shapes import describe_traced, propagate_shapes
+from passes.trace import trace_export, trace_fx
 
 from .couple import couple
 from .groups import Analysis
 
-__all__ = ["analyze", "infer_inputs"]
+__all__ = ["TRACERS", "analyze", "infer_inputs"]
+
+TRACERS = ("auto", "fx", "export")
+"""The frontends :func:`analyze` can trace with; ``auto`` tries fx, then export."""
 
 
 def analyze(
@@ -26,6 +31,7 @@ def analyze(
     *,
     exclude: Collection[str] = (),
     leaf_modules: Collection[str] = (),
+    tracer: str = "auto",
 ) -> Analysis:
     """Find every group of parameter slices that must be pruned together.
 
@@ -35,20 +41,36 @@ def analyze(
         Any ``nn.Module``; it is not changed (parameters, buffers, mode, hooks).
         Its parameters may live on the ``meta`` device: weights are never read.
     example_inputs
-        A tensor, a tuple of positional inputs, or a dict of keyword inputs. Only
-        shapes and dtypes matter. When omitted, a standard input is inferred from
-        the first Conv1d/2d/3d, Linear or Embedding layer.
+        A tensor, a tuple of positional inputs, or a dict of keyword inputs (traced
+        by torch.export). Only shapes and dtypes matter. When omitted, a standard
+        input is inferred from the first Conv1d/2d/3d, Linear or Embedding layer.
     exclude
         Names of modules whose parameter axes must never be pruned.
     leaf_modules
         Names of modules to keep whole when tracing (their axes are pinned unless
-        their class has a rule).
+        their class has a rule). Only the fx tracer keeps modules whole.
+    tracer
+        ``"fx"``: torch.fx symbolic tracing, rules at torch level. ``"export"``:
+        ``torch.export.export(strict=False)`` on the example inputs, rules at ATen
+        level; it runs Python control flow on shapes that fx cannot trace. ``"auto"``
+        (default): fx, then export if fx cannot trace the model; when both fail, the
+        :class:`TraceError` gives both reasons. The groups of one model are the same
+        with either tracer; ``Analysis.tracer`` says which one was used.
 
     Returns
     -------
     Analysis
         ``groups`` (each with ``size`` units and ``members``), ``pinned`` atoms with
-        reasons, and ``unsupported`` ops.
+        reasons, ``unsupported`` ops, and ``tracer``, the frontend used.
+
+    Notes
+    -----
+    :func:`depgraph.prune` and :func:`depgraph.simulate` analyze the model again with
+    the tracer recorded in the plan (the one this analysis used).
+    A graph from torch.export calls no modules, so ``prune`` updates no module
+    attributes (``in_channels``, ...) for it: the sizes the computation depends on are
+    literals of its ATen ops, rewritten in the GraphModule ``prune`` returns. Both
+    frontends work on a model whose parameters live on the ``meta`` device.
 
     Examples
     --------
@@ -61,19 +83,83 @@ def analyze(
           ('1.running_mean', 0), ('1.running_var', 0), ('3.weight', 1)])]
     """
     start = time.perf_counter()
-    args = _positional_inputs(model, example_inputs)
+    if tracer not in TRACERS:
+        raise InputError(f"tracer must be one of {list(TRACERS)}, got {tracer!r}")
+    args, kwargs = _split_inputs(model, example_inputs)
     _check_names(model, exclude, "exclude")
-    gm = trace_fx(model, MODULE_TYPES, leaf_modules)
-    _shapes(gm, args, inferred=example_inputs is None)
-    cx = relate(gm)
+    gm, used = _trace(model, args, kwargs, tracer, leaf_modules, inferred=example_inputs is None)
+    cx = relate(gm, rules=EXPORT_RULES if used == "export" else None)
     _exclude(cx, exclude)
     coupling = couple(cx)
-    return Analysis(
+    analysis = Analysis(
         coupling.groups, coupling.pinned, cx.unsupported, gm,
         seconds=time.perf_counter() - start,
         params=coupling.params, nodes=coupling.nodes, model=model,
-        inputs=tuple(_describe_input(a) for a in args),
+        inputs=tuple(_describe_input(a) for a in args), tracer=used,
     )
+    return analysis
+
+
+def _trace(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], tracer: str,
+    leaf_modules: Collection[str], inferred: bool,
+) -> tuple[fx.GraphModule, str]:
+    """The model's graph with VALUE on every node, and the frontend that made it."""
+    reasons: list[str] = []
+    for name in ("fx", "export") if tracer == "auto" else (tracer,):
+        why_not = _unusable(name, kwargs, leaf_modules)
+        if why_not is not None and tracer != "auto":
+            raise InputError(why_not)
+        if why_not is not None:
+            reasons.append(why_not)
+            continue
+        try:
+            return _FRONTENDS[name](model, args, kwargs, leaf_modules, inferred), name
+        except TraceError as exc:
+            if tracer != "auto":
+                raise
+            reasons.append(str(exc))
+    raise TraceError(
+        f"no tracer could turn {type(model).__name__} into a graph:\n- " + "\n- ".join(reasons)
+    )
+
+
+def _unusable(tracer: str, kwargs: dict[str, Any], leaf_modules: Collection[str]) -> str | None:
+    """Why ``tracer`` cannot take these arguments, or None."""
+    if tracer == "fx" and kwargs:
+        return ("keyword example_inputs need tracer='export' (or 'auto'); for tracer='fx' pass the "
+                "inputs as a tuple in the order of forward's parameters")
+    if tracer == "export" and leaf_modules:
+        return "leaf_modules= keeps modules whole, which only tracer='fx' can do"
+    return None
+
+
+def _fx(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], leaf_modules: Collection[str],
+    inferred: bool,
+) -> fx.GraphModule:
+    gm = trace_fx(model, MODULE_TYPES, leaf_modules)
+    _shapes(gm, args, inferred)
+    return gm
+
+
+def _export(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], leaf_modules: Collection[str],
+    inferred: bool,
+) -> fx.GraphModule:
+    try:
+        gm = trace_export(model, args, kwargs)
+    except TraceError as exc:
+        if inferred:
+            shapes = [tuple(a.shape) for a in args]
+            raise TraceError(f"{exc}. The example input was inferred as zeros of shape {shapes}; "
+                             "pass example_inputs= with the shape the model expects") from exc
+        raise
+    describe_traced(gm)
+    return gm
+
+
+_FRONTENDS = {"fx": _fx, "export": _export}
 
 
 def _describe_input(a: Any) -> Any:
@@ -102,17 +188,15 @@ def infer_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
     )
 
 
-def _positional_inputs(model: nn.Module, example_inputs: Any) -> tuple[Any, ...]:
+def _split_inputs(model: nn.Module, example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Positional and keyword inputs: a dict is keywords, a tuple or list positional."""
     if example_inputs is None:
-        return infer_inputs(model)
+        return infer_inputs(model), {}
     if isinstance(example_inputs, dict):
-        raise InputError(
-            "keyword example_inputs need a tracer that accepts them; pass the inputs as a tuple in "
-            "the order of forward's parameters"
-        )
+        return (), dict(example_inputs)
     if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    return (example_inputs,)
+        return tuple(example_inputs), {}
+    return (example_inputs,), {}
 
 
 def _shapes(gm: fx.GraphModule, args: tuple[Any, ...], inferred: bool) -> None:

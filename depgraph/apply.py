@@ -39,7 +39,8 @@ def prune(model: nn.Module, plan: Plan, inplace: bool = False) -> nn.Module:
     """
     target, analysis, removed = _prepare(model, plan, inplace)
     changed = shrink(analysis.graph, analysis.params, analysis.nodes, removed, root=target)
-    return analysis.graph if changed else target
+    # an exported graph calls no modules, so module attributes were not updated: return the graph
+    return analysis.graph if changed or analysis.tracer == "export" else target
 
 
 def simulate(model: nn.Module, plan: Plan, inplace: bool = False) -> fx.GraphModule:
@@ -88,7 +89,8 @@ def _prepare(model: nn.Module, plan: Plan, inplace: bool) -> tuple[nn.Module, An
     )
     target = model if inplace else copy.deepcopy(model)
     try:
-        analysis = analyze(target, inputs)  # analyze changes nothing, so a failed check leaves model intact
+        # the frontend the plan was made with; analyze changes nothing, so a failed check leaves model intact
+        analysis = analyze(target, inputs, tracer=plan.tracer)
     except DepgraphError as exc:
         shapes = [list(x.shape) for x in plan.inputs if isinstance(x, TensorMeta)]
         raise PlanError(

@@ -112,6 +112,7 @@ class Analysis:
     nodes: dict[str, Any] = field(repr=False, default_factory=dict)
     model: Any = field(repr=False, default=None)
     inputs: tuple[Any, ...] = field(repr=False, default=())
+    tracer: str = "fx"
 
     @property
     def fingerprint(self) -> str:

@@ -50,6 +50,7 @@ class Plan:
     inputs: tuple[Any, ...] = ()
     reconciliation: Reconciliation | None = field(default=None, compare=False)
     settings: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False)
+    tracer: str = "fx"
 
     # -- construction ----------------------------------------------------------
 
@@ -65,7 +66,9 @@ class Plan:
         """
         sizes = {g.index: g.size for g in analysis.groups}
         checked = {int(i): _check_units(i, units, sizes) for i, units in keep.items()}
-        return cls(checked, {i: sizes[i] for i in checked}, analysis.fingerprint, analysis.inputs)
+        return cls(
+            checked, {i: sizes[i] for i in checked}, analysis.fingerprint, analysis.inputs, tracer=analysis.tracer
+        )
 
     @classmethod
     def from_masks(
@@ -128,6 +131,7 @@ class Plan:
         data: dict[str, Any] = {
             "format": "depgraph.plan/1",
             "fingerprint": self.fingerprint,
+            "tracer": self.tracer,
             "inputs": [_input_json(x) for x in self.inputs],
             "groups": [
                 {"index": i, "size": self.sizes[i], "keep": self.keep[i].tolist()} for i in sorted(self.keep)
@@ -147,7 +151,8 @@ class Plan:
             sizes = {int(g["index"]): int(g["size"]) for g in groups}
             inputs = tuple(_input_from_json(x) for x in data["inputs"])
             settings = {str(k): dict(v) for k, v in data.get("settings", {}).items()}
-            return cls(keep, sizes, str(data["fingerprint"]), inputs, settings=settings)
+            tracer = str(data.get("tracer", "fx"))
+            return cls(keep, sizes, str(data["fingerprint"]), inputs, settings=settings, tracer=tracer)
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(f"{path} is not a depgraph plan: {exc}") from exc
 

@@ -1,6 +1,8 @@
 """Shape propagation on meta tensors.
 
-Needs: a GraphModule. Adds ``node.meta[VALUE]`` (see :mod:`passes.meta`) to every node.
+Needs: a GraphModule. Adds ``node.meta[VALUE]`` (see :mod:`passes.meta`) to every node:
+:func:`propagate_shapes` runs an fx graph; :func:`describe_traced` reads the values a
+tracer already recorded (torch.export's fake tensors in ``node.meta["val"]``).
 Weights are never read: parameters and buffers are replaced by meta tensors of the
 same shape for the run (``torch.func.functional_call``), and factories called inside
 ``forward`` create meta tensors, so no real FLOPs run and a model built on the
@@ -19,7 +21,7 @@ from torch.utils._pytree import tree_map
 from .errors import ShapeError
 from .meta import VALUE, TensorMeta
 
-__all__ = ["propagate_shapes", "to_meta", "describe"]
+__all__ = ["describe", "describe_traced", "propagate_shapes", "to_meta"]
 
 
 def to_meta(value: Any) -> Any:
@@ -127,6 +129,32 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> Non
     state.update({f"gm.{k}": _meta_like(v) for k, v in gm.named_buffers()})
     with torch.no_grad(), torch.device("meta"):
         torch.func.functional_call(_Runner(gm), state, to_meta(tuple(example_inputs)))
+
+
+def describe_traced(gm: fx.GraphModule) -> None:
+    """Record, as VALUE, what each node of a graph from torch.export produced.
+
+    Export ran the model on fake tensors and kept each node's result in
+    ``node.meta["val"]``; nothing runs again. A ``get_attr`` node is described by the
+    tensor it reads, a node with no recorded value (export's input guards) by None.
+
+    >>> from passes.trace import trace_export
+    >>> gm = trace_export(torch.nn.Linear(4, 2), (torch.zeros(3, 4),))
+    >>> describe_traced(gm)
+    >>> [n.meta[VALUE].shape for n in gm.graph.nodes if n.op == "call_function"]
+    [(3, 2)]
+    """
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            value: Any = _fetch(gm, str(node.target))
+        else:
+            value = node.meta.get("val")
+        node.meta[VALUE] = describe(value)
+
+
+def _fetch(gm: fx.GraphModule, name: str) -> Any:
+    owner, _, attr = name.rpartition(".")
+    return getattr(gm.get_submodule(owner), attr)
 
 
 def _input_fits(m: nn.Module, x: torch.Tensor) -> bool:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .dims import Atom, Expr, Product, kept_mask
+from .errors import PlanError
 from .meta import VALUE, TensorMeta
 
 __all__ = ["shrink", "Sizes"]
@@ -74,7 +75,7 @@ def shrink(
             if updater is not None:
                 updater(gm.get_submodule(str(node.target)), node, nodes, sizes)
         elif node.op in ("call_function", "call_method"):
-            rewrite = GRAPH_REWRITES.get(node.target)
+            rewrite = GRAPH_REWRITES.get(node.target) or GRAPH_REWRITES.get(getattr(node.target, "overloadpacket", None))
             if rewrite is not None:
                 changed |= bool(rewrite(node, nodes, sizes))
     if changed:
@@ -184,6 +185,21 @@ def _prelu(m: nn.Module, node: fx.Node, nodes: dict[str, Any], sizes: Sizes) -> 
     m.num_parameters = m.weight.numel()
 
 
+def _recurrent(m: nn.Module, node: fx.Node, nodes: dict[str, Any], sizes: Sizes) -> None:
+    """nn.LSTM/GRU/RNN: sizes from layer 0's weights, then refresh ``_flat_weights`` (the
+    tensors forward hands to the kernel) and, on cuDNN, their flat buffer."""
+    m.input_size = m.weight_ih_l0.shape[1]
+    m.hidden_size = (m.weight_hr_l0 if m.proj_size else m.weight_hh_l0).shape[1]
+    m.proj_size = m.weight_hr_l0.shape[0] if m.proj_size else 0
+    if m.proj_size == m.hidden_size:
+        raise PlanError(
+            f"cannot prune LSTM '{node.target}' to {m.hidden_size} hidden and {m.proj_size} projection units: "
+            "its kernel reads proj_size == hidden_size as no projection. Keep a different number of units "
+            "in one of the two groups"
+        )
+    m._init_flat_weights()
+
+
 MODULE_UPDATES: dict[type, Callable[..., None]] = {
     **dict.fromkeys((nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), _conv),
     nn.Linear: _linear,
@@ -193,6 +209,7 @@ MODULE_UPDATES: dict[type, Callable[..., None]] = {
     nn.GroupNorm: _group_norm,
     nn.Embedding: _embedding,
     nn.PReLU: _prelu,
+    **dict.fromkeys((nn.LSTM, nn.GRU, nn.RNN), _recurrent),
 }
 """Attribute updates per module class; add an entry when a module rule is added."""
 
@@ -369,6 +386,64 @@ def _channel_shuffle(node: fx.Node, nodes: dict[str, Any], sizes: Sizes) -> bool
     return True
 
 
+# -- ATen graphs (torch.export): literals of ATen ops -----------------------------------
+
+
+def _schema_arg(node: fx.Node, name: str, default: Any = None) -> tuple[int, Any]:
+    """Position of the ATen op's argument ``name`` and its value (``default`` if not given)."""
+    for i, a in enumerate(node.target._schema.arguments):  # type: ignore[union-attr]
+        if a.name == name:
+            value = node.args[i] if i < len(node.args) else node.kwargs.get(name, default)
+            return i, value
+    return -1, default
+
+
+def _set_arg(node: fx.Node, index: int, name: str, value: Any) -> None:
+    if index < len(node.args):
+        node.args = (*node.args[:index], value, *node.args[index + 1 :])
+    else:
+        node.kwargs = {**node.kwargs, name: value}
+
+
+def _aten_split(node: fx.Node, nodes: dict[str, Any], sizes: Sizes) -> bool:
+    """aten.split/split_with_sizes/chunk/tensor_split: an aten.split_with_sizes with the
+    sizes of the kept parts."""
+    if not _split(node, nodes, sizes):
+        return False
+    node.target = torch.ops.aten.split_with_sizes.default
+    return True
+
+
+def _aten_slice(node: fx.Node, nodes: dict[str, Any], sizes: Sizes) -> bool:
+    """aten.slice(x, dim, start, end, step): bounds count only the kept indices before them."""
+    x = nodes[node.args[0].name]
+    dim = _schema_arg(node, "dim", 0)[1] % len(x)
+    bounds = [_schema_arg(node, name, default)[1] for name, default in (("start", None), ("end", None), ("step", 1))]
+    if not sizes.touches(x[dim]) or any(isinstance(b, fx.Node) for b in bounds):
+        return False
+    s = _rebound(slice(*bounds), sizes.mask(x[dim]))
+    node.args, node.kwargs = (node.args[0], dim, s.start, s.stop, s.step or 1), {}
+    return True
+
+
+def _aten_conv(node: fx.Node, nodes: dict[str, Any], sizes: Sizes) -> bool:
+    """aten.conv*d/conv_transpose*d/convolution: ``groups`` follows the kept channels, as
+    the Conv module update computes it."""
+    index, groups = _schema_arg(node, "groups", 1)
+    x, w = nodes[node.args[0].name], nodes[node.args[1].name]
+    ch = 1 if len(x) == len(w) else 0
+    if _schema_arg(node, "transposed", False)[1] or "transpose" in str(node.target):
+        new = _groups_from(x[ch], groups, sizes)
+    else:
+        new = sizes.size(x[ch]) // sizes.size(w[1])
+    if new == groups:
+        return False
+    _set_arg(node, index, "groups", new)
+    return True
+
+
+_ATEN = torch.ops.aten
+
 GRAPH_REWRITES: dict[object, Callable[[fx.Node, dict[str, Any], Sizes], bool]] = {
     **dict.fromkeys(("view", "reshape", "expand", "broadcast_to", torch.reshape, torch.broadcast_to), _shape_args),
     **dict.fromkeys((torch.channel_shuffle, torch.native_channel_shuffle, F.channel_shuffle), _channel_shuffle),
@@ -379,6 +454,18 @@ GRAPH_REWRITES: dict[object, Callable[[fx.Node, dict[str, Any], Sizes], bool]] =
     F.scaled_dot_product_attention: _sdpa,
     F.layer_norm: _layer_norm_args,
     F.group_norm: _group_norm_args,
+    # ATen op packets (graphs from torch.export); shrink also looks an overload up by its packet
+    **dict.fromkeys((_ATEN.view, _ATEN._unsafe_view, _ATEN.reshape, _ATEN.expand), _shape_args),
+    _ATEN.unflatten: _unflatten,
+    **dict.fromkeys((_ATEN.split, _ATEN.split_with_sizes, _ATEN.chunk, _ATEN.tensor_split), _aten_split),
+    _ATEN.slice: _aten_slice,
+    _ATEN.narrow: _narrow,
+    **dict.fromkeys((_ATEN.channel_shuffle, _ATEN.native_channel_shuffle), _channel_shuffle),
+    _ATEN.scaled_dot_product_attention: _sdpa,
+    _ATEN.layer_norm: _layer_norm_args,
+    _ATEN.group_norm: _group_norm_args,
+    **dict.fromkeys((_ATEN.conv1d, _ATEN.conv2d, _ATEN.conv3d, _ATEN.conv_transpose1d, _ATEN.conv_transpose2d,
+                     _ATEN.conv_transpose3d, _ATEN.convolution, _ATEN._convolution), _aten_conv),
 }
 """Literal rewrites per op; add an entry when a rule relates a literal to an axis."""
 

@@ -74,9 +74,9 @@ def simulate_graph(
             _masked_statistics(gm, node, nodes, sizes, counter)
         if node.op == "call_module" and methods.get(f"{node.target}._input_") == "add":
             _add_input_mask(gm, node, nodes, sizes, counter)
-        axes = nodes.get(node.name)
-        if isinstance(axes, tuple) and isinstance(node.meta.get(VALUE), TensorMeta):
-            if any(sizes.touches(e) for e in axes):
+        axes, value = nodes.get(node.name), node.meta.get(VALUE)
+        if isinstance(axes, tuple) and isinstance(value, TensorMeta) and value.dtype.is_floating_point:
+            if any(sizes.touches(e) for e in axes):  # integer indices and bool masks carry no values to mask
                 add = node.op == "call_module" and methods.get(f"{node.target}._output_") == "add"
                 _mask_output(gm, node, _broadcast_mask(axes, sizes), counter, "add" if add else "mul")
     gm.graph.lint()
@@ -139,7 +139,8 @@ def _mask_parameters(
             # buffers (running statistics) and the graph module's own attributes (a
             # parametrization would replace its class) need none: activations are masked
             continue
-        parametrize.register_parametrization(owner, attr, Mask(_broadcast_mask(axes, sizes)), unsafe=True)
+        mask = _broadcast_mask(axes, sizes).to(getattr(owner, attr).device)
+        parametrize.register_parametrization(owner, attr, Mask(mask), unsafe=True)
 
 
 def _broadcast_mask(axes: tuple[Expr, ...], sizes: Sizes) -> torch.Tensor:
@@ -155,7 +156,7 @@ def _broadcast_mask(axes: tuple[Expr, ...], sizes: Sizes) -> torch.Tensor:
 def _mask_output(gm: fx.GraphModule, node: fx.Node, mask: torch.Tensor, counter: Any, method: str) -> None:
     """Follow ``node`` with ``x * mask`` (``mul``) or ``x * mask + (mask - 1) * 1e9`` (``add``)."""
     buffer = f"{MASK_PREFIX}{next(counter)}"
-    gm.register_buffer(buffer, mask)
+    gm.register_buffer(buffer, mask.to(_device(gm)))
     with gm.graph.inserting_after(node):
         get = gm.graph.get_attr(buffer)
         get.meta["depgraph_mask"] = "buffer"
@@ -232,7 +233,7 @@ def _masked_statistics(gm: fx.GraphModule, node: fx.Node, nodes: dict[str, Any],
         key: object = parametrize.type_before_parametrizations(gm.get_submodule(str(node.target)))
     else:
         key = node.target
-    handler = STATISTICS.get(key)
+    handler = STATISTICS.get(key) or STATISTICS.get(getattr(key, "overloadpacket", None))
     if handler is None or not node.args or not isinstance(node.args[0], fx.Node):
         return
     source = node.args[0]
@@ -243,9 +244,17 @@ def _masked_statistics(gm: fx.GraphModule, node: fx.Node, nodes: dict[str, Any],
         handler(gm, node, x, sizes, counter)
 
 
+def _device(gm: fx.GraphModule) -> torch.device:
+    """Where the model's tensors live (masks are made there)."""
+    for t in (*gm.parameters(), *gm.buffers()):
+        if not t.is_meta:
+            return t.device
+    return torch.device("cpu")
+
+
 def _constant(gm: fx.GraphModule, node: fx.Node, value: torch.Tensor, counter: Any) -> fx.Node:
     name = f"{MASK_PREFIX}{next(counter)}"
-    gm.register_buffer(name, value)
+    gm.register_buffer(name, value.to(_device(gm)))
     with gm.graph.inserting_before(node):
         get = gm.graph.get_attr(name)
     get.meta["depgraph_mask"] = "constant"
@@ -335,8 +344,10 @@ def _var(gm: fx.GraphModule, node: fx.Node, x: tuple[Expr, ...], sizes: Sizes, c
         return
     name = node.target if isinstance(node.target, str) else node.target.__name__
     keep_node = _constant(gm, node, _broadcast_mask(x, sizes), counter)
-    correction = node.kwargs.get("correction", 0 if node.kwargs.get("unbiased") is False else 1)
-    keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 and isinstance(node.args[2], bool) else False)
+    # var(x, dim, unbiased, keepdim) positionally; correction= / unbiased= / keepdim= by keyword
+    unbiased = node.args[2] if len(node.args) > 2 else node.kwargs.get("unbiased", True)
+    correction = node.kwargs.get("correction", int(unbiased))
+    keepdim = node.args[3] if len(node.args) > 3 else node.kwargs.get("keepdim", False)
     _replace(node, masked_var, (node.args[0], keep_node, dims, correction, keepdim, name == "std"))
 
 
@@ -355,12 +366,43 @@ def _fill(value: float) -> Callable[..., None]:
 def _bind(fn: Callable[..., Any], node: fx.Node) -> dict[str, Any]:
     import inspect
 
+    if isinstance(node.target, torch._ops.OpOverload):  # an ATen op: its schema's names
+        return _schema_args(node)
     return dict(inspect.signature(fn).bind(*node.args, **node.kwargs).arguments)
 
 
 def _replace(node: fx.Node, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
     node.op, node.target, node.args, node.kwargs = "call_function", fn, args, {}
 
+
+def _schema_args(node: fx.Node) -> dict[str, Any]:
+    """Arguments of an ATen op node by their schema names, defaults filled in."""
+    found: dict[str, Any] = {}
+    for i, a in enumerate(node.target._schema.arguments):  # type: ignore[union-attr]
+        if i < len(node.args) and not a.kwarg_only:
+            found[a.name] = node.args[i]
+        elif a.name in node.kwargs:
+            found[a.name] = node.kwargs[a.name]
+        elif a.has_default_value():
+            found[a.name] = a.default_value
+    return found
+
+
+def _var_aten(gm: fx.GraphModule, node: fx.Node, x: tuple[Expr, ...], sizes: Sizes, counter: Any) -> None:
+    """aten.var/std, any overload (``unbiased`` or ``correction``): as :func:`_var`."""
+    args = _schema_args(node)
+    dim = args.get("dim")
+    dims = tuple(range(len(x))) if not dim else tuple(d % len(x) for d in ([dim] if isinstance(dim, int) else dim))
+    if not any(sizes.touches(x[d]) for d in dims):
+        return
+    correction = args.get("correction")
+    correction = int(args.get("unbiased", True)) if correction is None else correction
+    keep_node = _constant(gm, node, _broadcast_mask(x, sizes), counter)
+    std = node.target.overloadpacket is torch.ops.aten.std  # type: ignore[union-attr]
+    _replace(node, masked_var, (args["self"], keep_node, dims, correction, args.get("keepdim", False), std))
+
+
+_ATEN = torch.ops.aten
 
 STATISTICS: dict[object, Callable[..., None]] = {
     nn.LayerNorm: _layer_norm_module, nn.RMSNorm: _layer_norm_module, nn.GroupNorm: _group_norm_module,
@@ -370,5 +412,11 @@ STATISTICS: dict[object, Callable[..., None]] = {
     **dict.fromkeys((F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax",
                      "amax", torch.amax, "max", torch.max, "logsumexp", torch.logsumexp), _fill(NEGATIVE)),
     **dict.fromkeys(("amin", torch.amin, "min", torch.min), _fill(-NEGATIVE)),
+    # ATen op packets (graphs from torch.export); an overload is looked up by its packet
+    _ATEN.layer_norm: _layer_norm_function, _ATEN.group_norm: _group_norm_function, _ATEN.mean: _mean,
+    **dict.fromkeys((_ATEN.var, _ATEN.std), _var_aten),
+    **dict.fromkeys((_ATEN.softmax, _ATEN._softmax, _ATEN._safe_softmax, _ATEN.log_softmax, _ATEN._log_softmax,
+                     _ATEN.amax, _ATEN.max, _ATEN.logsumexp), _fill(NEGATIVE)),
+    **dict.fromkeys((_ATEN.amin, _ATEN.min), _fill(-NEGATIVE)),
 }
 """Ops that reduce over an axis, and how simulation makes them count only kept entries."""

@@ -13,13 +13,13 @@ from torch import fx
 
 from ..dims import Unifier
 from ..meta import VALUE, TensorMeta
-from . import aten, attention, layers, pointwise, reduce, shape_ops
+from . import aten, attention, layers, pointwise, reduce, rnn, shape_ops
 from .context import Axes, Context, Rule, Unsupported
 
 __all__ = ["RULES", "MODULE_TYPES", "relate", "Axes", "Context", "Unsupported"]
 
 RULES: dict[object, Rule] = {}
-for _family in (pointwise, layers, shape_ops, reduce, attention):
+for _family in (pointwise, layers, shape_ops, reduce, attention, rnn):
     RULES.update(_family.RULES)  # type: ignore[arg-type]
 
 MODULE_TYPES = frozenset(k for k in RULES if isinstance(k, type))

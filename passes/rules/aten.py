@@ -6,6 +6,8 @@ by op packet (``aten.view``); looking up an overload (``aten.view.default``)
 finds its packet's rule, and an overload tagged ``torch.Tag.pointwise`` with no
 entry of its own is elementwise. Where an ATen signature matches a torch-level
 one, the torch-level rule is reused; the adapters here cover the others.
+``EXPORT_RULES`` relates whole graphs from torch.export: ``ATEN_RULES``, export's
+input guard module, and the fallback below for every ATen op with no rule.
 
 :func:`lower` is the fallback: an fx node whose op has no rule is traced with
 ``make_fx`` (pre-dispatch, so composite ops such as ``linear`` or
@@ -25,6 +27,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
+import re
 import weakref
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
@@ -42,7 +45,7 @@ from ..shapes import describe
 from . import attention, layers, pointwise, reduce, shape_ops
 from .context import Axes, Context, Rule, arg
 
-__all__ = ["ATEN_RULES", "LOWERED_RULES", "AtenRules", "clear_cache", "lower"]
+__all__ = ["ATEN_RULES", "EXPORT_RULES", "LOWERED_RULES", "AtenRules", "ExportRules", "clear_cache", "lower"]
 
 aten = torch.ops.aten
 
@@ -204,6 +207,55 @@ def attention_kernel(cx: Context, node: fx.Node) -> Axes:
     return _with_saved(cx, node, (*q[:-1], v[-1]), q[:-1])
 
 
+def spatial(cx: Context, node: fx.Node) -> Axes:
+    """Pooling and resizing (max_pool2d, adaptive_avg_pool1d, upsample_bilinear2d, ...): as
+    :func:`passes.rules.reduce.spatial`, with the number of pooled axes read from the op's
+    name (``2d``), so an unbatched input keeps one leading axis."""
+    x, value = cx.of(node.args[0]), cx.value(node)
+    out = reduce._first_shape(value)
+    pooled = re.search(r"(\d)d", str(node.target))
+    assert pooled is not None, f"{node.target} has no rank in its name"
+    keep = len(out) - int(pooled.group(1))
+    cx.pin(x[keep:], reduce.POOLED)
+    return reduce._like_value(value, (*x[:keep], *cx.fresh(out[keep:], reduce.RESIZED)))
+
+
+def index(cx: Context, node: fx.Node) -> Axes:
+    """index.Tensor(self, indices): ``self[indices]`` with a full slice for each None; the
+    indexed axes and the index tensors' axes are pinned, the other axes pass through."""
+    x = cx.of(node.args[0])
+    items = tuple(slice(None) if i is None else i for i in arg(node, 1, "indices"))
+    result = shape_ops._index_tensor(cx, node, x, items)
+    if result is None or tuple(e.size for e in result) != cx.out(node).shape:
+        cx.pin(x, shape_ops.UNCLEAR)
+        return cx.pinned_like(cx.value(node), shape_ops.UNCLEAR)
+    return result
+
+
+def gather(cx: Context, node: fx.Node) -> Axes:
+    """gather(self, dim, index): the output has the index's shape; the gathered axis and the
+    index's axis there are pinned; every other axis is the same in self, index and output
+    where their sizes agree, and pinned where the index covers only part of it."""
+    x, idx = cx.of(node.args[0]), cx.of(arg(node, 2, "index"))
+    d = shape_ops._dim(arg(node, 1, "dim"), len(x))
+    for k, (a, b) in enumerate(zip(x, idx)):
+        if k != d and a.size == b.size:
+            cx.unify(a, b)
+        else:
+            cx.u.pin(a, shape_ops.ADVANCED)
+            cx.u.pin(b, shape_ops.ADVANCED)
+    return idx
+
+
+def instance_norm(cx: Context, node: fx.Node) -> Axes:
+    """instance_norm(input, weight, bias, running_mean, running_var, ...): every per-channel
+    tensor is the channel axis (dim 1)."""
+    x = cx.of(node.args[0])
+    where = ((1, "weight"), (2, "bias"), (3, "running_mean"), (4, "running_var"))
+    layers._per_channel(cx, x[1], layers._values(cx, node, where))
+    return x
+
+
 def _named_ops(rule: Rule, names: str) -> dict[object, Rule]:
     """``rule`` for each ATen op packet in the space-separated ``names``."""
     return {getattr(aten, name): rule for name in names.split()}
@@ -225,7 +277,7 @@ ATEN_RULES = AtenRules({
     **_named_ops(shape_ops.repeat_interleave, "repeat_interleave"),
     **_named_ops(shape_ops.pixel_shuffle, "pixel_shuffle"),
     **_named_ops(shape_ops.pixel_unshuffle, "pixel_unshuffle"),
-    **_named_ops(shape_ops.pad, "pad"),
+    **_named_ops(shape_ops.pad, "pad constant_pad_nd"),
     **_named_ops(shape_ops.flip, "flip"),
     **_named_ops(shape_ops.roll, "roll"),
     **_named_ops(shape_ops.rot90, "rot90"),
@@ -242,20 +294,24 @@ ATEN_RULES = AtenRules({
     **_named_ops(slice_rule, "slice"),
     **_named_ops(select, "select"),
     **_named_ops(index_select, "index_select"),
+    **_named_ops(index, "index"),
+    **_named_ops(gather, "gather"),
     **_named_ops(pointwise.identity, "clone alias detach _to_copy to type_as contiguous lift_fresh_copy "
-                                     "dropout feature_dropout alpha_dropout"),
+                                     "dropout feature_dropout alpha_dropout dropout_ feature_dropout_ alpha_dropout_ "
+                                     "feature_alpha_dropout feature_alpha_dropout_ detach_"),
     **_named_ops(pointwise.pointwise, "copy copy_"),
     **_named_ops(native_dropout, "native_dropout"),
     **_named_ops(attention.matmul, "mm bmm matmul mv dot"),
     **_named_ops(attention.add_matmul, "addmm baddbmm"),
     **_named_ops(layers.f_linear, "linear"),
     **_named_ops(reduce.reduction, "sum mean amax amin max min var std var_mean std_mean prod logsumexp "
-                                   "argmax argmin any all"),
+                                   "argmax argmin any all linalg_vector_norm norm"),
     **_named_ops(reduce.same, "softmax _softmax _safe_softmax log_softmax _log_softmax cumsum"),
     **_named_ops(convolution, "convolution _convolution"),
     **_named_ops(layers.f_conv, "conv1d conv2d conv3d"),
     **_named_ops(layers.f_conv_transpose, "conv_transpose1d conv_transpose2d conv_transpose3d"),
-    **_named_ops(layers.f_layer_norm, "layer_norm"),
+    **_named_ops(layers.f_layer_norm, "layer_norm rms_norm"),
+    **_named_ops(instance_norm, "instance_norm"),
     **_named_ops(native_layer_norm, "native_layer_norm"),
     **_named_ops(layers.f_batch_norm, "batch_norm"),
     **_named_ops(native_batch_norm, "native_batch_norm _native_batch_norm_legit "
@@ -266,6 +322,14 @@ ATEN_RULES = AtenRules({
     **_named_ops(embedding, "embedding"),
     **_named_ops(layers.prelu, "prelu _prelu_kernel"),
     **_named_ops(attention.scaled_dot_product_attention, "scaled_dot_product_attention"),
+    **_named_ops(attention.einsum, "einsum"),
+    **_named_ops(spatial, "max_pool1d max_pool2d max_pool3d max_pool2d_with_indices max_pool3d_with_indices "
+                          "avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d "
+                          "adaptive_avg_pool3d _adaptive_avg_pool2d _adaptive_avg_pool3d adaptive_max_pool1d "
+                          "adaptive_max_pool2d adaptive_max_pool3d upsample_nearest1d upsample_nearest2d "
+                          "upsample_nearest3d _upsample_nearest_exact1d _upsample_nearest_exact2d "
+                          "_upsample_nearest_exact3d upsample_linear1d upsample_bilinear2d upsample_bicubic2d "
+                          "upsample_trilinear3d _upsample_bilinear2d_aa _upsample_bicubic2d_aa"),
     **_named_ops(attention_kernel, "_scaled_dot_product_attention_math "
                                    "_scaled_dot_product_flash_attention "
                                    "_scaled_dot_product_flash_attention_for_cpu "
@@ -280,6 +344,46 @@ LOWERED_RULES = AtenRules({**ATEN_RULES, aten.scaled_dot_product_attention: atte
 """The rules for the mini-graph of a lowered op: as ATEN_RULES, except where a rule relies on
 shrink rewriting the call (the scale of scaled_dot_product_attention): nothing rewrites a
 call inside a lowered op. Sizes written into a lowered op are checked by :func:`lower`."""
+
+
+def lowered(cx: Context, node: fx.Node) -> Axes:
+    """An ATen op with no rule in a whole graph from torch.export: related through its
+    decomposition as the fx fallback relates an op (:func:`lower`), else unsupported."""
+    from . import _unsupported  # the package imports this module
+
+    axes = lower(cx, node)
+    return axes if axes is not None else _unsupported(cx, node, f"no rule for {node.target}")
+
+
+class ExportRules(AtenRules):
+    """Rules for whole graphs from torch.export: an ATen op with no rule of its own is
+    lowered (:func:`lowered`) before it is pinned, as ops in fx graphs are.
+
+    >>> EXPORT_RULES.get(torch.ops.aten.hardswish_.default) is lowered
+    True
+    >>> EXPORT_RULES.get(torch.ops.aten.conv2d.default) is layers.f_conv
+    True
+    """
+
+    def get(self, op: object, default: Any = None) -> Any:
+        """The rule of ``op``; :func:`lowered` for an ATen op with none."""
+        rule = super().get(op)
+        if rule is None and isinstance(op, OpOverload):
+            rule = lowered
+        return default if rule is None else rule
+
+
+def _guard_rules() -> dict[object, Rule]:
+    """``ExportedProgram.module()`` calls a guard module on the inputs (``_guards_fn``),
+    which returns nothing."""
+    from torch.export import _unlift
+
+    guards = getattr(_unlift, "GuardsFn", None)
+    return {guards: shape_ops.no_axes} if guards is not None else {}
+
+
+EXPORT_RULES = ExportRules({**ATEN_RULES, **_guard_rules()})
+"""The rules :func:`depgraph.analyze` relates a graph from torch.export with."""
 
 
 # -- the fallback: lower one fx node to an ATen mini-graph ----------------------
