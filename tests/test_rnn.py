@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from axes import assert_axes_match_shapes
 from equivalence import check_plan, random_keep
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
@@ -19,10 +20,8 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 import depgraph
 from passes.dims import Unifier
 from passes.errors import PlanError
-from passes.meta import VALUE, TensorMeta
 from passes.rules import relate
 from passes.rules import rnn as rnn_rules
-from passes.rules.context import Axes
 
 Groups = list[tuple[int, list[tuple[str, int, list[int]]]]]
 
@@ -35,25 +34,10 @@ def analyze(model: nn.Module, *inputs: Tensor, **kwargs: Any) -> depgraph.Analys
     """Analyze, asserting that every op had a rule and every node's axes have its shape."""
     a = depgraph.analyze(model, inputs, **kwargs)
     assert a.unsupported == []
-    for node, axes in relate(a.graph).axes.items():
-        assert _sizes(axes) == _shape(node.meta.get(VALUE)), node.name
+    assert_axes_match_shapes(a)
     return a
 
 
-def _sizes(axes: Axes) -> Any:
-    if isinstance(axes, tuple):
-        return tuple(e.size for e in axes)
-    if isinstance(axes, list):
-        return [_sizes(a) for a in axes]
-    return None
-
-
-def _shape(value: Any) -> Any:
-    if isinstance(value, TensorMeta):
-        return value.shape
-    if isinstance(value, (list, tuple)):
-        return [_shape(v) for v in value]
-    return None
 
 
 def pinned(a: depgraph.Analysis, words: str) -> set[tuple[str, int]]:

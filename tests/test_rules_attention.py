@@ -13,13 +13,11 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from axes import assert_axes_match_shapes
 from oracle import check_group
 from torch import Tensor, fx, nn
 
 import depgraph
-from passes.meta import VALUE, TensorMeta
-from passes.rules import relate
-from passes.rules.context import Axes
 
 E, H, HD = 12, 3, 4
 X = torch.randn(2, 5, E)
@@ -35,27 +33,10 @@ def analyze(model: nn.Module, *inputs: Tensor) -> depgraph.Analysis:
     """Analyze, asserting that every op had a rule and that every node's axes have its shape."""
     a = depgraph.analyze(model, inputs)
     assert a.unsupported == []
-    cx = relate(a.graph)
-    for node, axes in cx.axes.items():
-        assert _sizes(axes) == _shape(node.meta.get(VALUE)), node.name
+    assert_axes_match_shapes(a)
     return a
 
 
-def _sizes(axes: Axes) -> Any:
-    if isinstance(axes, tuple):
-        return tuple(e.size for e in axes)
-    if isinstance(axes, list):
-        return [_sizes(a) for a in axes]
-    return None
-
-
-def _shape(value: Any) -> Any:
-    """The shape of a tensor; a list of those of a sequence holding tensors; else None."""
-    if isinstance(value, TensorMeta):
-        return value.shape
-    if isinstance(value, (list, tuple)) and any(isinstance(v, (TensorMeta, list, tuple)) for v in value):
-        return [_shape(v) for v in value]
-    return None
 
 
 def pinned_members(a: depgraph.Analysis, words: str) -> set[tuple[str, int]]:

@@ -17,13 +17,11 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from axes import assert_axes_match_shapes
 from oracle import Unverifiable, check_group
 from torch import Tensor, nn
 
 import depgraph
-from passes.meta import VALUE, TensorMeta
-from passes.rules import relate
-from passes.rules.context import Axes
 from passes.rules.reduce import POOLED, SORTED
 from passes.rules.shape_ops import (
     ADVANCED,
@@ -93,28 +91,13 @@ def analyze(model: nn.Module, x: Tensor, oracle: bool = True) -> depgraph.Analys
     correct group as incomplete)."""
     a = depgraph.analyze(model, (x,))
     assert a.unsupported == []
-    for node, axes in relate(a.graph).axes.items():
-        assert _sizes(axes) == _shape(node.meta.get(VALUE)), node.name
+    assert_axes_match_shapes(a)
     for g in a.groups if oracle else ():
         with contextlib.suppress(Unverifiable):
             check_group(model, (x,), a, g)
     return a
 
 
-def _sizes(axes: Axes) -> Any:
-    if isinstance(axes, tuple):
-        return tuple(e.size for e in axes)
-    if isinstance(axes, list):
-        return [_sizes(a) for a in axes]
-    return None
-
-
-def _shape(value: Any) -> Any:
-    if isinstance(value, TensorMeta):
-        return value.shape
-    if isinstance(value, (list, tuple)) and any(isinstance(v, TensorMeta) for v in value):
-        return [_shape(v) for v in value]
-    return None
 
 
 def check(model: nn.Module, x: Tensor, expected: Groups, oracle: bool = True) -> depgraph.Analysis:
