@@ -14,15 +14,18 @@ from passes.meta import TensorMeta
 from passes.rules import MODULE_TYPES, Context, relate
 from passes.rules.aten import EXPORT_RULES
 from passes.shapes import describe_traced, propagate_shapes
-from passes.trace import trace_export, trace_fx
+from passes.trace import trace_export, trace_fx, trace_record
 
 from .couple import couple
 from .groups import Analysis
 
 __all__ = ["TRACERS", "analyze", "infer_inputs"]
 
-TRACERS = ("auto", "fx", "export")
-"""The frontends :func:`analyze` can trace with; ``auto`` tries fx, then export."""
+TRACERS = ("auto", "fx", "export", "record")
+"""The frontends :func:`analyze` can trace with; ``auto`` tries fx, then export, then record."""
+
+ATEN_TRACERS = frozenset({"export", "record"})
+"""The frontends whose graphs hold ATen ops (related with ``EXPORT_RULES``) and call no modules."""
 
 
 def analyze(
@@ -52,10 +55,16 @@ def analyze(
     tracer
         ``"fx"``: torch.fx symbolic tracing, rules at torch level. ``"export"``:
         ``torch.export.export(strict=False)`` on the example inputs, rules at ATen
-        level; it runs Python control flow on shapes that fx cannot trace. ``"auto"``
-        (default): fx, then export if fx cannot trace the model; when both fail, the
-        :class:`TraceError` gives both reasons. The groups of one model are the same
-        with either tracer; ``Analysis.tracer`` says which one was used.
+        level; it runs Python control flow on shapes that fx cannot trace. ``"record"``:
+        runs the model once on the real example inputs and records the ATen ops it
+        executed, so control flow on tensor values (detection models' box decoding,
+        score thresholds, NMS) is specialized to that run; it needs real (not ``meta``)
+        parameters and inputs, and the graph, the plan and the pruned or simulated model
+        hold for inputs that take the same path (compare them on the example inputs).
+        ``"auto"`` (default): fx, then export, then record, each tried when the previous
+        cannot trace the model (or run shapes through its graph); when all fail, the :class:`TraceError` gives every
+        reason. The groups of one model are the same with any tracer that traces it;
+        ``Analysis.tracer`` says which one was used.
 
     Returns
     -------
@@ -69,8 +78,10 @@ def analyze(
     the tracer recorded in the plan (the one this analysis used).
     A graph from torch.export calls no modules, so ``prune`` updates no module
     attributes (``in_channels``, ...) for it: the sizes the computation depends on are
-    literals of its ATen ops, rewritten in the GraphModule ``prune`` returns. Both
-    frontends work on a model whose parameters live on the ``meta`` device.
+    literals of its ATen ops, rewritten in the GraphModule ``prune`` returns. fx and
+    export work on a model whose parameters live on the ``meta`` device; record does
+    not, and its analysis keeps the example inputs themselves (``Analysis.inputs``), so
+    that ``prune`` and ``simulate`` can record the same run again.
 
     Examples
     --------
@@ -88,14 +99,14 @@ def analyze(
     args, kwargs = _split_inputs(model, example_inputs)
     _check_names(model, exclude, "exclude")
     gm, used = _trace(model, args, kwargs, tracer, leaf_modules, inferred=example_inputs is None)
-    cx = relate(gm, rules=EXPORT_RULES if used == "export" else None)
+    cx = relate(gm, rules=EXPORT_RULES if used in ATEN_TRACERS else None)
     _exclude(cx, exclude)
     coupling = couple(cx)
     analysis = Analysis(
         coupling.groups, coupling.pinned, cx.unsupported, gm,
         seconds=time.perf_counter() - start,
         params=coupling.params, nodes=coupling.nodes, model=model,
-        inputs=tuple(_describe_input(a) for a in args), tracer=used,
+        inputs=args if used == "record" else tuple(_describe_input(a) for a in args), tracer=used,
     )
     return analysis
 
@@ -106,7 +117,7 @@ def _trace(
 ) -> tuple[fx.GraphModule, str]:
     """The model's graph with VALUE on every node, and the frontend that made it."""
     reasons: list[str] = []
-    for name in ("fx", "export") if tracer == "auto" else (tracer,):
+    for name in ("fx", "export", "record") if tracer == "auto" else (tracer,):
         why_not = _unusable(name, kwargs, leaf_modules)
         if why_not is not None and tracer != "auto":
             raise InputError(why_not)
@@ -115,7 +126,7 @@ def _trace(
             continue
         try:
             return _FRONTENDS[name](model, args, kwargs, leaf_modules, inferred), name
-        except TraceError as exc:
+        except (TraceError, ShapeError) as exc:  # fx can trace a graph its shapes cannot run (swin3d_t)
             if tracer != "auto":
                 raise
             reasons.append(str(exc))
@@ -129,7 +140,7 @@ def _unusable(tracer: str, kwargs: dict[str, Any], leaf_modules: Collection[str]
     if tracer == "fx" and kwargs:
         return ("keyword example_inputs need tracer='export' (or 'auto'); for tracer='fx' pass the "
                 "inputs as a tuple in the order of forward's parameters")
-    if tracer == "export" and leaf_modules:
+    if tracer in ATEN_TRACERS and leaf_modules:
         return "leaf_modules= keeps modules whole, which only tracer='fx' can do"
     return None
 
@@ -159,7 +170,18 @@ def _export(
     return gm
 
 
-_FRONTENDS = {"fx": _fx, "export": _export}
+def _record(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], leaf_modules: Collection[str],
+    inferred: bool,
+) -> fx.GraphModule:
+    if inferred:
+        raise TraceError("the recording tracer runs the model on real example inputs: pass example_inputs=")
+    gm = trace_record(model, args, kwargs)
+    describe_traced(gm)
+    return gm
+
+
+_FRONTENDS = {"fx": _fx, "export": _export, "record": _record}
 
 
 def _describe_input(a: Any) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -40,7 +41,7 @@ def prune(model: nn.Module, plan: Plan, inplace: bool = False) -> nn.Module:
     target, analysis, removed = _prepare(model, plan, inplace)
     changed = shrink(analysis.graph, analysis.params, analysis.nodes, removed, root=target)
     # an exported graph calls no modules, so module attributes were not updated: return the graph
-    return analysis.graph if changed or analysis.tracer == "export" else target
+    return analysis.graph if changed or analysis.tracer in ("export", "record") else target
 
 
 def simulate(model: nn.Module, plan: Plan, inplace: bool = False) -> fx.GraphModule:
@@ -79,20 +80,25 @@ def unsimulate(model: fx.GraphModule) -> fx.GraphModule:
     return model
 
 
+def _example(x: Any) -> Any:
+    """An example input from a plan's record: a meta tensor for a tensor's meta."""
+    return torch.empty(x.shape, dtype=x.dtype, device="meta") if isinstance(x, TensorMeta) else x
+
+
 def _prepare(model: nn.Module, plan: Plan, inplace: bool) -> tuple[nn.Module, Analysis, dict]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be a depgraph.Plan, got {type(plan).__name__}: make one with depgraph.solve or Plan.from_keep")
-    inputs = tuple(
-        torch.empty(x.shape, dtype=x.dtype, device="meta") if isinstance(x, TensorMeta) else x for x in plan.inputs
-    )
+    inputs: Any = tuple(_example(x) for x in plan.inputs)
+    if plan.keywords:  # analyze takes keyword inputs as a dict
+        inputs = {name: _example(x) for name, x in plan.keywords.items()}
     target = model if inplace else copy.deepcopy(model)
     try:
         # the frontend the plan was made with; analyze changes nothing, so a failed check leaves model intact
         analysis = analyze(target, inputs, tracer=plan.tracer)
     except DepgraphError as exc:
-        shapes = [list(x.shape) for x in plan.inputs if isinstance(x, TensorMeta)]
+        shapes = [list(x.shape) for x in (*plan.inputs, *plan.keywords.values()) if isinstance(x, TensorMeta)]
         raise PlanError(
             f"this plan was made for a model taking inputs of shape {shapes}, which this model cannot run: "
             f"{exc}. Make the plan from depgraph.analyze() of this model"

@@ -25,8 +25,10 @@ class Coupling:
 
 
 def couple(cx: Context) -> Coupling:
-    """Groups (unpinned atoms of size > 1 touching a parameter or buffer axis) and the
-    pinned atoms that touch parameters, both in order of first appearance."""
+    """Groups (unpinned atoms of size > 1 touching a parameter axis; buffer axes that
+    contain the atom are members too) and the pinned atoms that touch parameters or
+    buffers, both in order of first appearance. An atom that only buffers contain (the
+    unused tail of a ``position_ids`` buffer) is neither: nothing is learned there."""
     u = cx.u
     params = {name: tuple(u.resolve(e) for e in axes) for name, axes in cx.params.items()}
     members: dict[Atom, list[Member]] = {}
@@ -38,6 +40,8 @@ def couple(cx: Context) -> Coupling:
                     members.setdefault(atom, []).append(Member(name, dim, expr, atom))
                 else:
                     pinned.setdefault(atom, []).append((name, dim))
+    trainable = {name for name, _ in cx.gm.named_parameters()}
+    members = {atom: ms for atom, ms in members.items() if any(m.name in trainable for m in ms)}
     nodes = {node.name: _resolve(u, axes) for node, axes in cx.axes.items()}
     activations = _activation_members(cx, nodes, set(members))
     groups = [

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from torch.utils._pytree import tree_unflatten
 
 from passes.dims import coordinates
 from passes.errors import PlanError
-from passes.meta import TensorMeta
+from passes.meta import VALUE, TensorMeta
 
 from .groups import Analysis
 
@@ -38,7 +39,9 @@ class Plan:
     """Kept unit indices per group index (groups not listed keep every unit).
 
     ``fingerprint`` identifies the analysis the plan was made for; ``inputs`` records
-    the example inputs' shapes so a fresh model can be re-analyzed to apply it.
+    the example inputs' shapes so a fresh model can be re-analyzed to apply it, and
+    ``keywords`` the keyword example inputs of a torch.export analysis (tensor shapes
+    and plain values such as ``use_cache=False``).
     ``settings`` maps a target (``"fc.weight"``, ``"attn._input_"``) to the settings a
     config list gave it (``{"apply_method": "add"}``); they are saved with the plan and
     :func:`depgraph.simulate` honours the apply methods.
@@ -51,6 +54,7 @@ class Plan:
     reconciliation: Reconciliation | None = field(default=None, compare=False)
     settings: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False)
     tracer: str = "fx"
+    keywords: dict[str, Any] = field(default_factory=dict)
 
     # -- construction ----------------------------------------------------------
 
@@ -67,7 +71,8 @@ class Plan:
         sizes = {g.index: g.size for g in analysis.groups}
         checked = {int(i): _check_units(i, units, sizes) for i, units in keep.items()}
         return cls(
-            checked, {i: sizes[i] for i in checked}, analysis.fingerprint, analysis.inputs, tracer=analysis.tracer
+            checked, {i: sizes[i] for i in checked}, analysis.fingerprint, analysis.inputs, tracer=analysis.tracer,
+            keywords=_keywords(analysis),
         )
 
     @classmethod
@@ -128,6 +133,12 @@ class Plan:
 
     def save(self, path: str | Path) -> None:
         """Write the plan as JSON (kept units, group sizes, fingerprint, input shapes, settings)."""
+        if self.tracer == "record":
+            raise PlanError(
+                "a plan from the recording tracer holds the real example inputs its graph was recorded "
+                "on, which JSON does not keep: save the inputs with torch.save and the plan with pickle, "
+                "or analyze with tracer='fx' or 'export' if the model allows it"
+            )
         data: dict[str, Any] = {
             "format": "depgraph.plan/1",
             "fingerprint": self.fingerprint,
@@ -137,6 +148,8 @@ class Plan:
                 {"index": i, "size": self.sizes[i], "keep": self.keep[i].tolist()} for i in sorted(self.keep)
             ],
         }
+        if self.keywords:
+            data["keywords"] = {k: _input_json(v) for k, v in self.keywords.items()}
         if self.settings:
             data["settings"] = self.settings
         Path(path).write_text(json.dumps(data, indent=1))
@@ -152,7 +165,9 @@ class Plan:
             inputs = tuple(_input_from_json(x) for x in data["inputs"])
             settings = {str(k): dict(v) for k, v in data.get("settings", {}).items()}
             tracer = str(data.get("tracer", "fx"))
-            return cls(keep, sizes, str(data["fingerprint"]), inputs, settings=settings, tracer=tracer)
+            keywords = {str(k): _input_from_json(v) for k, v in data.get("keywords", {}).items()}
+            return cls(keep, sizes, str(data["fingerprint"]), inputs, settings=settings, tracer=tracer,
+                       keywords=keywords)
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(f"{path} is not a depgraph plan: {exc}") from exc
 
@@ -216,6 +231,17 @@ def _count_plan(group: Any, kept: torch.Tensor, wanted: dict[Any, torch.Tensor],
 def _unit_of(member: Any) -> torch.Tensor:
     """For each flat index of the member's axis, the group unit it belongs to (-1: none)."""
     return coordinates(member.expr, member.atom)
+
+
+def _keywords(analysis: Analysis) -> dict[str, Any]:
+    """The keyword example inputs of a torch.export analysis (metas for tensors), read from
+    its graph: the placeholders' values, arranged by the graph's input spec."""
+    spec = getattr(analysis.graph, "_in_spec", None)
+    if analysis.tracer != "export" or spec is None:
+        return {}
+    values = [n.meta.get(VALUE) for n in analysis.graph.graph.nodes if n.op == "placeholder"]
+    _, kwargs = tree_unflatten(values, spec)
+    return dict(kwargs)
 
 
 def _input_json(x: Any) -> Any:

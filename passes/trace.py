@@ -1,6 +1,6 @@
 """Turn an ``nn.Module`` into a ``torch.fx.GraphModule``.
 
-Two frontends with one contract: return a GraphModule whose parameters and buffers
+Three frontends with one contract: return a GraphModule whose parameters and buffers
 keep their fully qualified names, or raise :class:`TraceError` with the reason.
 
 - :func:`trace_fx` traces symbolically; its leaves are the modules that have a module
@@ -11,6 +11,10 @@ keep their fully qualified names, or raise :class:`TraceError` with the reason.
   input guards (``_guards_fn``); parameters and buffers are ``get_attr`` nodes (the
   ``parameters`` and ``buffers`` of the graph signature, unlifted); every node's value
   is in ``node.meta["val"]``.
+- :func:`trace_record` runs the model once on the real example inputs and records the
+  ATen ops it executed (``make_fx``, pre-dispatch): control flow on tensor values (box
+  decoding, score thresholds, NMS) is specialized to that run. Same graph form as
+  :func:`trace_export`, without input guards.
 """
 
 from __future__ import annotations
@@ -21,11 +25,13 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.utils._pytree import tree_map
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
 from .errors import TraceError
 
-__all__ = ["trace_export", "trace_fx"]
+__all__ = ["trace_export", "trace_fx", "trace_record"]
 
 
 class _LeafTracer(fx.Tracer):
@@ -122,6 +128,91 @@ def trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     _constants_as_buffers(gm, exported.graph_signature.lifted_tensor_constants)
     _attributes_before_first_use(gm)
     return gm
+
+
+def trace_record(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> fx.GraphModule:
+    """Record the ATen ops ``model(*args, **kwargs)`` executes on the real example inputs.
+
+    The model runs once, under ``torch.no_grad``, through ``torch.func.functional_call``
+    (``make_fx``, real tensors, pre-dispatch ATen ops as in torch.export), so every
+    branch on a tensor's value is taken as that run takes it: the graph is specialized
+    to these inputs (and to the model's weights, where control flow reads values it
+    computes). Parameters are ``get_attr`` nodes named by their fully qualified names,
+    reading the model's own tensors; the recorded run works on copies of the buffers, so
+    a training-mode batch norm leaves the caller's statistics unchanged. Tensor constants
+    made in ``forward`` are buffers of the graph module, and every node's value is in
+    ``node.meta["val"]``. The graph module takes the model's arguments.
+
+    Raises
+    ------
+    TraceError
+        If the model or an example input lives on the ``meta`` device (nothing can run
+        there), or if the model fails to run or to be recorded; the message gives why.
+
+    Examples
+    --------
+    >>> gm = trace_record(torch.nn.Linear(4, 2), (torch.zeros(1, 4),))
+    >>> [str(n.target) for n in gm.graph.nodes if n.op in ("get_attr", "call_function")]
+    ['weight', 'bias', 'aten.linear.default']
+    """
+    kwargs = dict(kwargs or {})
+    state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    if any(t.is_meta for t in (*state.values(), *_tensors((args, kwargs)))):
+        raise TraceError(
+            f"the recording tracer runs {type(model).__name__} on its example inputs, which cannot be done on "
+            "the meta device: build the model and the example inputs on a real device, or use tracer='fx' "
+            "or 'export'"
+        )
+    buffers = {name for name, _ in model.named_buffers()}
+    run_state = {n: t.clone() if n in buffers else t for n, t in state.items()}
+
+    def run(values: dict[str, torch.Tensor], call_args: tuple[Any, ...], call_kwargs: dict[str, Any]) -> Any:
+        return torch.func.functional_call(model, values, call_args, call_kwargs)
+
+    try:
+        with torch.no_grad():
+            # reading a value (bool(t), t.item()) is allowed: the branch taken is recorded
+            record = make_fx(run, tracing_mode="real", pre_dispatch=True, _error_on_data_dependent_ops=False)
+            recorded = record(run_state, tuple(args), kwargs)
+    except Exception as exc:  # running or recording can raise anything; all mean "cannot record"
+        raise TraceError(
+            f"the recording tracer could not run {type(model).__name__}: {type(exc).__name__}: {_headline(exc)}"
+        ) from exc
+    return _named_state(recorded, model, list(state), (tuple(args), kwargs))
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    return [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
+
+
+def _named_state(recorded: fx.GraphModule, model: nn.Module, names: list[str], inputs: Any) -> fx.GraphModule:
+    """A graph module in which the recorded graph's first placeholders (the model's
+    parameters and buffers, in the order of ``names``) are ``get_attr`` nodes of those
+    names, taking the model's ``(args, kwargs)`` as the model does."""
+    graph = recorded.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    owned: dict[str, Any] = {}
+    for node, name in zip(placeholders, names):
+        if node.users:
+            with graph.inserting_before(node):  # create_node: get_attr would look the name up in recorded
+                node.replace_all_uses_with(graph.create_node("get_attr", name))
+            owned[name] = model.get_parameter(name) if _is_parameter(model, name) else model.get_buffer(name)
+        graph.erase_node(node)
+    for node in graph.nodes:
+        if node.op == "get_attr" and str(node.target) not in owned:
+            owned[str(node.target)] = getattr(recorded, str(node.target))  # a tensor constant
+    spec = tree_flatten(inputs)[1]
+    arg_names = [f"arg{i}" for i in range(len(inputs[0]))] + list(inputs[1])
+    out_spec = recorded.graph._codegen.pytree_info.out_spec  # type: ignore[attr-defined]
+    graph._codegen = _PyTreeCodeGen(_PyTreeInfo(arg_names, spec, out_spec))
+    gm = fx.GraphModule(owned, graph, type(model).__name__)
+    _attributes_before_first_use(gm)
+    return gm
+
+
+def _is_parameter(model: nn.Module, name: str) -> bool:
+    owner, _, attr = name.rpartition(".")
+    return attr in model.get_submodule(owner)._parameters
 
 
 def _device(model: nn.Module) -> torch.device | None:

@@ -167,7 +167,7 @@ class _Gate(nn.Module):
 def test_data_dependent_control_flow_names_the_module() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.ReLU(), _Gate()))
     with pytest.raises(TraceError, match=r"module '1\.1' \(_Gate\)") as info:
-        depgraph.analyze(model, torch.zeros(1, 4))
+        depgraph.analyze(model, torch.zeros(1, 4), tracer="fx")
     assert "leaf_modules" in str(info.value)
 
 
@@ -218,3 +218,17 @@ def test_a_leaf_module_that_cannot_be_related_pins_its_own_parameters():
     assert [u.op for u in a.unsupported] == ["Opaque module '1'"]
     reasons = {m: p.reason for p in a.pinned for m in p.members}
     assert reasons[("1.w", 0)] == reasons[("1.w", 1)] == "Opaque module '1' has no rule"
+
+
+def test_an_atom_only_buffers_contain_is_not_a_group():
+    class Positions(torch.nn.Module):  # BERT-style: a long position buffer sliced to the input length
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("position_ids", torch.arange(16)[None])
+            self.table = torch.nn.Embedding(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.table(self.position_ids[:, : x.shape[1]])
+
+    a = depgraph.analyze(Positions(), torch.zeros(1, 6, 4))
+    assert a.groups == []  # the 10 unused positions touch only the buffer: nothing to learn there

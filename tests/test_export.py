@@ -231,13 +231,15 @@ class ValueGate(nn.Module):
         return self.fc(x) if x.sum() > 0 else x
 
 
-def test_when_both_tracers_fail_the_error_gives_both_reasons() -> None:
-    with pytest.raises(TraceError) as info:
-        depgraph.analyze(ValueGate(), torch.randn(2, 4))
+def test_when_every_tracer_fails_the_error_gives_every_reason() -> None:
+    with pytest.raises(TraceError) as info:  # a branch on values, and meta inputs nothing can record
+        depgraph.analyze(ValueGate(), torch.randn(2, 4, device="meta"))
     message = str(info.value)
     assert message.startswith("no tracer could turn ValueGate into a graph:")
     assert "\n- torch.fx could not trace the top-level ValueGate.forward" in message
     assert "\n- torch.export could not trace ValueGate: GuardOnDataDependentSymNode" in message
+    assert "\n- " in message.split("GuardOnDataDependentSymNode", 1)[1]  # the recording tracer's reason
+    assert depgraph.analyze(ValueGate(), torch.randn(2, 4)).tracer == "record"  # real inputs: recorded
     with pytest.raises(TraceError, match="^torch.export could not trace ValueGate"):
         depgraph.analyze(ValueGate(), torch.randn(2, 4), tracer="export")
 
@@ -266,7 +268,7 @@ def test_keyword_inputs_go_to_export() -> None:
 
 
 def test_tracer_arguments_are_checked() -> None:
-    with pytest.raises(InputError, match=r"tracer must be one of \['auto', 'fx', 'export'\], got 'jit'"):
+    with pytest.raises(InputError, match=r"tracer must be one of \['auto', 'fx', 'export', 'record'\], got 'jit'"):
         depgraph.analyze(ShapeBranch(), torch.randn(1, 3, 8, 8), tracer="jit")
     with pytest.raises(InputError, match="leaf_modules= keeps modules whole, which only tracer='fx' can do"):
         depgraph.analyze(ShapeBranch(), torch.randn(1, 3, 8, 8), tracer="export", leaf_modules=["a"])

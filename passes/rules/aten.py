@@ -7,7 +7,9 @@ finds its packet's rule, and an overload tagged ``torch.Tag.pointwise`` with no
 entry of its own is elementwise. Where an ATen signature matches a torch-level
 one, the torch-level rule is reused; the adapters here cover the others.
 ``EXPORT_RULES`` relates whole graphs from torch.export: ``ATEN_RULES``, export's
-input guard module, and the fallback below for every ATen op with no rule.
+input guard module, the calls export makes for regions under ``torch.vmap`` and
+``torch.no_grad()`` (opaque: their axes are pinned with the reason), and the fallback
+below for every ATen op with no rule.
 
 :func:`lower` is the fallback: an fx node whose op has no rule is traced with
 ``make_fx`` (pre-dispatch, so composite ops such as ``linear`` or
@@ -256,6 +258,45 @@ def instance_norm(cx: Context, node: fx.Node) -> Axes:
     return x
 
 
+GRAD_REGION = ("computed in a torch.no_grad() or set_grad_enabled region, which torch.export keeps as a "
+               "subgraph (wrap_with_set_grad_enabled) that no rule looks inside and prune cannot rewrite; "
+               "for rotary embeddings (Hugging Face's cos/sin), head_dim of queries and keys stays whole")
+VMAP = ("computed under torch.vmap, which torch.export keeps as batching calls (_add_batch_dim, flat_apply) "
+        "that no rule relates; in Hugging Face models this builds the attention mask, over positions")
+
+
+def opaque(reason: str) -> Rule:
+    """A rule for an op whose computation is hidden from the rules (a subgraph, a vmapped
+    function): every axis of its tensor inputs and outputs is pinned with ``reason``."""
+
+    def rule(cx: Context, node: fx.Node) -> Axes:
+        for a in node.all_input_nodes:
+            cx.pin(cx.axes.get(a), reason)
+        return cx.pinned_like(cx.value(node), reason)
+
+    rule.__doc__ = f"Pins the axes of every tensor in and out: {reason}."
+    return rule
+
+
+def _functorch_rules() -> dict[object, Rule]:
+    """torch.export's graph of a region under ``torch.vmap`` or ``torch.no_grad()``: the
+    bookkeeping calls return nothing; batching calls and the grad-mode subgraph are opaque."""
+    from torch._functorch import predispatch
+
+    higher = torch.ops.higher_order
+    rules: dict[object, Rule] = {
+        getattr(predispatch, name): shape_ops.no_axes
+        for name in ("lazy_load_decompositions", "_vmap_increment_nesting", "_vmap_decrement_nesting")
+        if hasattr(predispatch, name)
+    }
+    vmap = [getattr(predispatch, n, None) for n in ("_add_batch_dim", "_remove_batch_dim")]
+    rules.update({op: opaque(VMAP) for op in (*vmap, getattr(higher, "flat_apply", None)) if op is not None})
+    grad = getattr(higher, "wrap_with_set_grad_enabled", None)
+    if grad is not None:
+        rules[grad] = opaque(GRAD_REGION)
+    return rules
+
+
 def _named_ops(rule: Rule, names: str) -> dict[object, Rule]:
     """``rule`` for each ATen op packet in the space-separated ``names``."""
     return {getattr(aten, name): rule for name in names.split()}
@@ -340,6 +381,33 @@ ATEN_RULES = AtenRules({
 })
 """Rules for ATen graphs: op packet -> rule; overloads tagged pointwise are elementwise."""
 
+
+def roi_pooling(cx: Context, node: fx.Node) -> Axes:
+    """torchvision's roi_align / roi_pool(input, rois, spatial_scale, pooled_height,
+    pooled_width, ...): each box of ``rois`` pools every channel of ``input`` on its own, so
+    the output (boxes, channels, pooled_height, pooled_width) keeps the input's channel
+    axis; its boxes are the rows of ``rois``; the batch axis is indexed by the boxes and
+    the spatial axes are pooled (pinned). roi_pool's argmax has the output's axes."""
+    x, rois = cx.of(node.args[0]), cx.of(node.args[1])
+    cx.u.pin(x[0], shape_ops.ADVANCED)
+    cx.pin(x[2:], reduce.POOLED)
+    value = cx.value(node)
+    out = (rois[0], x[1], *cx.fresh(reduce._first_shape(value)[2:], reduce.RESIZED))
+    return [out, out] if isinstance(value, tuple) else out
+
+
+def _torchvision_rules() -> dict[object, Rule]:
+    """Rules for torchvision's operators (``torch.ops.torchvision``), when it is installed."""
+    try:
+        import torchvision  # noqa: F401 -- registers torch.ops.torchvision
+    except ImportError:
+        return {}
+    ops = torch.ops.torchvision
+    return {ops.roi_align: roi_pooling, ops.roi_pool: roi_pooling}
+
+
+ATEN_RULES.update(_torchvision_rules())
+
 LOWERED_RULES = AtenRules({**ATEN_RULES, aten.scaled_dot_product_attention: attention_kernel})
 """The rules for the mini-graph of a lowered op: as ATEN_RULES, except where a rule relies on
 shrink rewriting the call (the scale of scaled_dot_product_attention): nothing rewrites a
@@ -382,7 +450,7 @@ def _guard_rules() -> dict[object, Rule]:
     return {guards: shape_ops.no_axes} if guards is not None else {}
 
 
-EXPORT_RULES = ExportRules({**ATEN_RULES, **_guard_rules()})
+EXPORT_RULES = ExportRules({**ATEN_RULES, **_guard_rules(), **_functorch_rules()})
 """The rules :func:`depgraph.analyze` relates a graph from torch.export with."""
 
 

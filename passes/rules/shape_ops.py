@@ -132,6 +132,8 @@ def channel_shuffle(cx: Context, node: fx.Node) -> Axes:
 def cat(cx: Context, node: fx.Node) -> Axes:
     """cat: the joined axis is Concat(inputs' axes); every other axis is shared."""
     inputs = [a for a in arg(node, 0, "tensors") if cx.shape(a) != (0,)]
+    if not inputs:  # only legacy empty (0,) tensors: nothing to relate
+        return cx.fresh(cx.out(node).shape, "concatenation of empty tensors")
     first = cx.of(inputs[0])
     d = _dim(_dim_arg(node, 1, 0), len(first))
     for other in inputs[1:]:
