@@ -119,12 +119,18 @@ def trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     device = _device(model)
     args, kwargs = _on_device((tuple(args), dict(kwargs or {})), device)
     try:
-        exported = torch.export.export(model, args, kwargs, strict=False)
+        if device is not None and device.type == "meta":
+            exported = _export_meta(model, args, kwargs)
+        else:
+            exported = torch.export.export(model, args, kwargs, strict=False)
     except Exception as exc:  # export raises many types; all mean "cannot trace"
         raise TraceError(
             f"torch.export could not trace {type(model).__name__}: {type(exc).__name__}: {_headline(exc)}"
         ) from exc
     gm = exported.module()
+    if device is not None and device.type == "meta":
+        for name, t in (*model.named_parameters(), *model.named_buffers()):
+            _set_tensor(gm, name, t)  # the graph reads the model's own (meta) tensors again
     _constants_as_buffers(gm, exported.graph_signature.lifted_tensor_constants)
     _attributes_before_first_use(gm)
     return gm
@@ -213,6 +219,43 @@ def _named_state(recorded: fx.GraphModule, model: nn.Module, names: list[str], i
 def _is_parameter(model: nn.Module, name: str) -> bool:
     owner, _, attr = name.rpartition(".")
     return attr in model.get_submodule(owner)._parameters
+
+
+def _export_meta(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Export a model whose tensors live on ``meta`` as if they lived on the CPU.
+
+    Some forwards cannot run on the meta device even symbolically (Hugging Face's rotary
+    embedding opens ``torch.autocast(device_type="meta")``). Export only ever sees fake
+    tensors, so the parameters, buffers and inputs are swapped for fake tensors that
+    claim to be on the CPU and hold no memory; the model is restored afterwards.
+    """
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+
+    def fake(t: torch.Tensor) -> torch.Tensor:
+        return FakeTensor(mode, torch.empty(t.shape, dtype=t.dtype, device="meta"), torch.device("cpu"))
+
+    state: dict[str, torch.Tensor] = {
+        name: nn.Parameter(fake(p), requires_grad=p.requires_grad) for name, p in model.named_parameters()
+    }
+    state.update({name: fake(b) for name, b in model.named_buffers()})
+    args, kwargs = tree_map(lambda t: fake(t) if isinstance(t, torch.Tensor) else t, (args, kwargs))
+    with _reparametrize_module(model, state):
+        return torch.export.export(model, args, kwargs, strict=False)
+
+
+def _set_tensor(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:
+    owner, _, attr = name.rpartition(".")
+    try:
+        holder = gm.get_submodule(owner)
+    except AttributeError:
+        return  # not used by the graph
+    if attr in holder._parameters:
+        holder._parameters[attr] = value  # type: ignore[assignment]
+    elif attr in holder._buffers:
+        holder._buffers[attr] = value
 
 
 def _device(model: nn.Module) -> torch.device | None:

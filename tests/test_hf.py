@@ -235,3 +235,24 @@ def test_rotary_keeps_head_dim_pairs_with_their_frequency() -> None:
                                  ("model.q.bias", 0, pairs), ("model.k.weight", 0, pairs),
                                  ("model.k.bias", 0, pairs)])
     check_plan(model, (x,), Plan.from_keep(a, {0: [1, 3], 2: [2, 5, 6]}))
+
+
+def test_a_llama_built_on_the_meta_device_has_the_groups_of_a_real_one() -> None:
+    # export cannot run Hugging Face's rotary embedding on meta tensors (it opens an autocast
+    # region for device "meta"); the frontend exports meta models as fake CPU tensors instead
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    real = LlamaForCausalLM(cfg).eval()
+    with torch.device("meta"):
+        meta = LlamaForCausalLM(cfg).eval()
+    ids = torch.zeros(1, 8, dtype=torch.long)
+
+    def groups(model: torch.nn.Module, x: torch.Tensor) -> list:
+        a = depgraph.analyze(model, {"input_ids": x, "use_cache": False}, tracer="export")
+        return [(g.size, [(m.name, m.dim, m.indices([0]).tolist()) for m in g.members]) for g in a.groups]
+
+    expected = groups(real, ids)
+    assert len(expected) == 7 and groups(meta, ids.to("meta")) == expected
+    assert all(p.is_meta for p in meta.parameters())
