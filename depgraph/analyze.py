@@ -98,7 +98,14 @@ def analyze(
         raise InputError(f"tracer must be one of {list(TRACERS)}, got {tracer!r}")
     args, kwargs = _split_inputs(model, example_inputs)
     _check_names(model, exclude, "exclude")
-    gm, used = _trace(model, args, kwargs, tracer, leaf_modules, inferred=example_inputs is None)
+    try:
+        gm, used = _trace(model, args, kwargs, tracer, leaf_modules, inferred=example_inputs is None)
+    except (TraceError, ShapeError) as exc:
+        if example_inputs is not None:
+            raise
+        shapes = [tuple(a.shape) for a in args]
+        raise type(exc)(f"{exc}. The example input was inferred as zeros of shape {shapes}; "
+                        "pass example_inputs= with the shape the model expects") from exc
     cx = relate(gm, rules=EXPORT_RULES if used in ATEN_TRACERS else None)
     _exclude(cx, exclude)
     coupling = couple(cx)
@@ -150,7 +157,7 @@ def _fx(
     inferred: bool,
 ) -> fx.GraphModule:
     gm = trace_fx(model, MODULE_TYPES, leaf_modules)
-    _shapes(gm, args, inferred)
+    _shapes(gm, args)
     return gm
 
 
@@ -158,14 +165,7 @@ def _export(
     model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], leaf_modules: Collection[str],
     inferred: bool,
 ) -> fx.GraphModule:
-    try:
-        gm = trace_export(model, args, kwargs)
-    except TraceError as exc:
-        if inferred:
-            shapes = [tuple(a.shape) for a in args]
-            raise TraceError(f"{exc}. The example input was inferred as zeros of shape {shapes}; "
-                             "pass example_inputs= with the shape the model expects") from exc
-        raise
+    gm = trace_export(model, args, kwargs)
     describe_traced(gm)
     return gm
 
@@ -221,21 +221,14 @@ def _split_inputs(model: nn.Module, example_inputs: Any) -> tuple[tuple[Any, ...
     return (example_inputs,), {}
 
 
-def _shapes(gm: fx.GraphModule, args: tuple[Any, ...], inferred: bool) -> None:
+def _shapes(gm: fx.GraphModule, args: tuple[Any, ...]) -> None:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(args) > len(placeholders):
         raise InputError(f"forward takes {len(placeholders)} inputs but {len(args)} example inputs were given")
     for node in placeholders[len(args) :]:
         if not node.args:
             raise InputError(f"example_inputs has no value for forward's parameter '{node.target}'")
-    try:
-        propagate_shapes(gm, args)
-    except ShapeError as exc:
-        if inferred:
-            shapes = [tuple(a.shape) for a in args]
-            raise ShapeError(f"{exc}. The example input was inferred as zeros of shape {shapes}; "
-                             "pass example_inputs= with the shape the model expects") from exc
-        raise
+    propagate_shapes(gm, args)
 
 
 def _check_names(model: nn.Module, names: Collection[str], what: str) -> None:
