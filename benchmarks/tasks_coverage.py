@@ -202,6 +202,12 @@ def report(rows: list[Row]) -> str:
         markdown_table(HEADER, [r.cells() for r in rows]),
         (f"{done}/{n} analyzed ({tracers}); {same}/{n} equivalent (max |prune - simulate| <= {RTOL:g} x "
          "max |simulate| on what was compared; see the script's docstring)."),
+        ("Segmentation, video and optical flow compare the model's outputs. Detection compares, on the "
+         "example input, the outputs of the ops reading a weight of the detection head whose output "
+         "channels no group prunes (the RPN head for the R-CNNs, `head.` for RetinaNet, FCOS and SSD): "
+         "class logits and box regressions of every feature level, which depend on the backbone, the FPN "
+         "(or SSD's extra layers) and the head; later ops depend on score thresholds and NMS, and a "
+         "recorded graph is specialized to the boxes of the run it recorded."),
     ])
 
 

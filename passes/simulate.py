@@ -10,7 +10,8 @@ Needs what :mod:`passes.shrink` needs. Does, in place on the GraphModule:
 - masked statistics where an op reduces over a pruned axis: layer, group and RMS
   normalization, mean, var and std count only kept entries; softmax, log-softmax
   and max see removed positions as a large negative (the ``add`` apply method),
-  min as a large positive.
+  min as a large positive;
+- a masked divisor gets 1 in removed positions, so ``x / norm`` gives 0 there, not NaN.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def simulate_graph(
             continue
         if node.op != "get_attr":
             _masked_statistics(gm, node, nodes, sizes, counter)
+            _safe_divisor(gm, node, nodes, sizes, counter)
         if node.op == "call_module" and methods.get(f"{node.target}._input_") == "add":
             _add_input_mask(gm, node, nodes, sizes, counter)
         axes, value = nodes.get(node.name), node.meta.get(VALUE)
@@ -242,6 +244,28 @@ def _masked_statistics(gm: fx.GraphModule, node: fx.Node, nodes: dict[str, Any],
     x = nodes.get(source.name)
     if isinstance(x, tuple):
         handler(gm, node, x, sizes, counter)
+
+
+def _safe_divisor(gm: fx.GraphModule, node: fx.Node, nodes: dict[str, Any], sizes: Sizes, counter: Any) -> None:
+    """Add 1 to the removed positions of a division's masked divisor (``x / norm`` in an L2
+    normalization): they become ``0 / 1 = 0`` instead of ``0 / 0 = NaN``, which no mask
+    after the division could undo and whose gradient would reach kept entries."""
+    target = node.target
+    if target not in DIVISIONS and getattr(target, "overloadpacket", None) not in DIVISIONS:
+        return
+    if len(node.args) < 2 or not isinstance(node.args[1], fx.Node) or node.args[1].meta.get("depgraph_mask") != "mul":
+        return  # an unmasked divisor has no zeros of ours
+    source = node.args[1]
+    while source.meta.get("depgraph_mask") == "mul":
+        source = source.args[0]
+    axes = nodes.get(source.name)
+    if not isinstance(axes, tuple) or not any(sizes.touches(e) for e in axes):
+        return
+    offset = _constant(gm, node, 1 - _broadcast_mask(axes, sizes), counter)
+    with gm.graph.inserting_before(node):
+        shifted = gm.graph.call_function(operator.add, (node.args[1], offset))
+    shifted.meta["depgraph_mask"] = "add"
+    node.args = (node.args[0], shifted, *node.args[2:])
 
 
 def _device(gm: fx.GraphModule) -> torch.device:
@@ -420,3 +444,6 @@ STATISTICS: dict[object, Callable[..., None]] = {
     **dict.fromkeys((_ATEN.amin, _ATEN.min), _fill(-NEGATIVE)),
 }
 """Ops that reduce over an axis, and how simulation makes them count only kept entries."""
+
+DIVISIONS = {operator.truediv, torch.div, torch.true_divide, "div", "div_", "true_divide", _ATEN.div, _ATEN.div_}
+"""Divisions whose masked divisor :func:`_safe_divisor` makes non-zero in removed positions."""

@@ -160,3 +160,27 @@ def test_auto_records_what_fx_and_export_cannot_trace_for_the_branch_taken() -> 
     reasons = str(info.value).split("\n- ")
     assert [r.split(" ", 3)[:3] for r in reasons[1:]] == [
         ["torch.fx", "could", "not"], ["torch.export", "could", "not"], ["the", "recording", "tracer"]]
+
+
+class _L2Norm(nn.Module):
+    """SSD's VGG feature scaling: channels normalized to unit L2 norm, then scaled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.scale = nn.Parameter(torch.full((8,), 20.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale.view(1, -1, 1, 1) * nn.functional.normalize(torch.relu(self.conv(x)))
+
+
+def test_simulated_l2_normalization_divides_removed_channels_by_one_not_zero() -> None:
+    torch.manual_seed(0)
+    model, x = nn.Sequential(_L2Norm(), nn.Conv2d(8, 4, 1)).eval(), torch.randn(2, 3, 8, 8)
+    a = depgraph.analyze(model, (x,), tracer="export")  # fx keeps F.normalize whole; ATen divides
+    assert (len(a.groups), set(_members(a, 0))) == (
+        1, {("0.conv.weight", 0), ("0.conv.bias", 0), ("0.scale", 0), ("1.weight", 1)})
+    plan = depgraph.Plan.from_keep(a, {0: torch.tensor([0, 2, 5])})
+    simulated, pruned = check_plan(model, (x,), plan)
+    simulated(x).sum().backward()  # 0 / 0 in a removed channel would make every gradient NaN
+    assert all(torch.isfinite(p.grad).all() for p in simulated.parameters())
