@@ -1,9 +1,10 @@
-"""Coverage of ``depgraph`` over every torchvision classification model: analysis and equivalence.
+"""Coverage of ``depgraph`` and Torch-Pruning over every torchvision classification model.
 
 Run::
 
     python benchmarks/coverage.py                       # all models, writes results/coverage.md
     python benchmarks/coverage.py --no-equivalence      # analysis columns only (quick)
+    python benchmarks/coverage.py --no-tp               # without the Torch-Pruning columns
     python benchmarks/coverage.py --models resnet18,vit_b_16   # a subset, printed only
     python benchmarks/coverage.py --models resnet18 --out /tmp/cov.md
 
@@ -30,16 +31,29 @@ removed can collapse to a nearly constant output). The table gives that error re
 scale, the scale itself, the pruned model's parameter count over the original's, and the
 seconds the whole check took (build, calibrate, analyze, plan, prune, simulate, forwards).
 
+Torch-Pruning columns (skipped with ``--no-tp``), side by side with depgraph's, on the same
+real CPU model and small input as the equivalence check (a fresh copy): whether
+``tp.DependencyGraph().build_dependency`` succeeds, its number of groups
+(``get_all_groups(root_module_types=[nn.Conv2d, nn.Linear])``), whether
+``tp.pruner.MagnitudePruner`` (L2 magnitude, ``pruning_ratio=0.5``, the final classifier in
+``ignored_layers``, ``num_heads`` of every ``nn.MultiheadAttention``) steps and the pruned model
+then runs forward on the two images, and the seconds all that took (build included). As in Torch-Pruning's
+own ViT example, a torchvision ViT's ``hidden_dim`` attribute is set to the pruned width
+after the step (its forward reads it). TP gets at most ``TP_TIMEOUT_S`` seconds per model.
+
 Every model runs in its own forked process (so memory is returned and a crash or an
 out-of-memory kill only loses that row; caches start cold for each model), under
 try/except, so one failure never stops the sweep. Prints a markdown table and the summary
-lines (``N/M analyzed``, ``N/M equivalent``, ``N/M inconclusive``); writes it to ``--out`` (by default
+lines (``N/M analyzed``, ``N/M equivalent``, ``N/M inconclusive``, and TP's ``N/M built``,
+``N/M pruned``); writes it to ``--out`` (by default
 ``benchmarks/results/coverage.md`` for a full run, nowhere for a subset).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import importlib.metadata
 import math
 import multiprocessing
 import time
@@ -50,6 +64,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 import torch
+import torch_pruning as tp
 import torchvision
 from _util import RESULTS, build, environment, first_line, image_input, markdown_table, write
 from torch import fx, nn
@@ -58,15 +73,20 @@ import depgraph
 
 HEADER = ["model", "built on", "fx traces", "analyzed", "groups", "unsupported ops (count: which)",
           "analyze s (one cold run)", "equiv. input", "pruned", "equivalent (err / scale)", "output scale",
-          "params kept", "equiv. s", "error"]
+          "params kept", "equiv. s", "error", "TP graph built", "TP groups", "TP pruned (0.5) + forward",
+          "TP params kept", "TP s", "TP error"]
 RTOL = 1e-4
 """Allowed max |prune - simulate| relative to max |simulate|."""
 FULL_SIZE = ("vit_", "swin_", "maxvit_")
 """Model name prefixes whose input size is fixed at 224."""
 TIMEOUT_S = 1200
-"""Seconds one model's process may take before its row records a timeout."""
+"""Seconds one model's process may take (depgraph's columns) before its row records a timeout."""
+TP_TIMEOUT_S = 300
+"""Seconds Torch-Pruning may take on one model, after depgraph's columns are done."""
+TP_RATIO = 0.5
 
 warnings.filterwarnings("ignore", category=FutureWarning, module="torchvision")  # inception/googlenet init
+warnings.filterwarnings("ignore", module="torch_pruning")
 
 
 @dataclass
@@ -87,12 +107,30 @@ class Row:
     kept: str = "-"
     check_seconds: str = "-"
     error: str = ""
+    tp: TPCells | None = None
 
     def cells(self) -> list[object]:
         """The row's cells, in the order of ``HEADER``."""
+        tp_cells = self.tp or TPCells()
         return [self.model, self.built, self.traced, "yes" if self.analyzed else "no", self.groups,
                 self.unsupported, self.seconds, self.size, self.pruned, self.equivalent, self.scale,
-                self.kept, self.check_seconds, self.error]
+                self.kept, self.check_seconds, self.error, *tp_cells.cells()]
+
+
+@dataclass
+class TPCells:
+    """What Torch-Pruning 1.6.1 did on one model."""
+
+    built: str = "-"
+    groups: int | str = "-"
+    pruned: str = "-"
+    kept: str = "-"
+    seconds: str = "-"
+    error: str = ""
+
+    def cells(self) -> list[object]:
+        """The TP cells, in the order of the TP part of ``HEADER``."""
+        return [self.built, self.groups, self.pruned, self.kept, self.seconds, self.error]
 
 
 def cover(name: str) -> Row:
@@ -207,39 +245,86 @@ def check_equivalence(name: str, row: Row) -> None:
     row.check_seconds = f"{time.perf_counter() - start:.1f}"
 
 
+def run_tp(name: str) -> TPCells:
+    """Torch-Pruning's graph, groups and magnitude pruning of ``name`` (module docstring); never raises."""
+    cells, start = TPCells(), time.perf_counter()
+    side = small_size(name)
+    x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(1))
+    try:
+        model = real_model(name)
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=x[:1], verbose=False)
+        cells.built = "yes"
+        cells.groups = len(list(graph.get_all_groups(root_module_types=[nn.Conv2d, nn.Linear])))
+        cells.pruned = "no"
+        pruned = tp_magnitude_prune(model, x[:1])
+        with torch.no_grad():
+            pruned(x)
+        cells.pruned, cells.kept = "yes", f"{count(pruned) / count(model):.3f}"
+    except Exception as exc:  # noqa: BLE001 -- reported in the table, not raised
+        cells.built = "no" if cells.built == "-" else cells.built
+        cells.error = first_line(exc, limit=200)
+    cells.seconds = f"{time.perf_counter() - start:.1f}"
+    return cells
+
+
+def tp_magnitude_prune(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """A copy of ``model`` pruned by ``tp.pruner.MagnitudePruner`` at ``TP_RATIO``, classifier ignored."""
+    model = copy.deepcopy(model)
+    last = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+    heads = {m: m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    pruner = tp.pruner.MagnitudePruner(model, x, importance=tp.importance.MagnitudeImportance(p=2),
+                                       pruning_ratio=TP_RATIO, ignored_layers=[last], num_heads=heads)
+    pruner.step()
+    if isinstance(model, torchvision.models.VisionTransformer):
+        model.hidden_dim = model.conv_proj.out_channels  # read by its forward's reshape
+    return model
+
+
 def count(model: nn.Module) -> int:
     """Number of parameters of ``model``."""
     return sum(p.numel() for p in model.parameters())
 
 
-def worker(conn: Connection, name: str, equivalence: bool) -> None:
-    """Body of one model's process: analysis columns, then (optionally) equivalence; sends the row."""
+def worker(conn: Connection, name: str, equivalence: bool, with_tp: bool) -> None:
+    """Body of one model's process: analysis columns, then (optionally) equivalence; sends the row,
+    then (optionally) Torch-Pruning's cells in a second message."""
     row = cover(name)
     if equivalence:
         check_equivalence(name, row)
     conn.send(row)
+    if with_tp:
+        conn.send(run_tp(name))
     conn.close()
 
 
-def isolated(name: str, equivalence: bool) -> Row:
-    """Run :func:`worker` for ``name`` in a forked process; a crash or a timeout becomes the row's error."""
+def isolated(name: str, equivalence: bool, with_tp: bool) -> Row:
+    """Run :func:`worker` for ``name`` in a forked process; a crash or a timeout becomes an error cell."""
     ctx = multiprocessing.get_context("fork")
     receiver, sender = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=worker, args=(sender, name, equivalence))
+    proc = ctx.Process(target=worker, args=(sender, name, equivalence, with_tp))
     proc.start()
     sender.close()
-    try:
-        timeout = Row(name, error=f"timed out after {TIMEOUT_S} s")
-        row = receiver.recv() if receiver.poll(TIMEOUT_S) else timeout
-    except EOFError:
-        proc.join()
-        row = Row(name, error=f"worker process died (exit code {proc.exitcode}; out of memory?)")
+    row = receive(receiver, proc, TIMEOUT_S)
+    if not isinstance(row, Row):
+        row = Row(name, error=row)
+    elif with_tp:
+        cells = receive(receiver, proc, TP_TIMEOUT_S)
+        row.tp = cells if isinstance(cells, TPCells) else TPCells(error=cells)
     proc.kill()
     proc.join()
     return row
 
 
-def report(rows: list[Row], equivalence: bool) -> str:
+def receive(receiver: Connection, proc: multiprocessing.Process, timeout: float) -> Row | TPCells | str:
+    """The next message from ``proc``, or why none came within ``timeout`` seconds."""
+    try:
+        return receiver.recv() if receiver.poll(timeout) else f"timed out after {timeout:.0f} s"
+    except EOFError:
+        proc.join()
+        return f"worker process died (exit code {proc.exitcode}; out of memory?)"
+
+
+def report(rows: list[Row], equivalence: bool, with_tp: bool) -> str:
     """The markdown page: environment, table, summary lines."""
     n = len(rows)
     done = sum(r.analyzed for r in rows)
@@ -249,15 +334,26 @@ def report(rows: list[Row], equivalence: bool) -> str:
         pruned = sum(r.pruned == "yes" for r in rows)
         same = sum(r.equivalent.startswith("yes") for r in rows)
         unsure = sum(r.equivalent.startswith("inconclusive") for r in rows)
-        lines += [f"{pruned}/{n} pruned and simulated, {same}/{n} equivalent "
+        lines += [(f"{pruned}/{n} pruned and simulated, {same}/{n} equivalent "
                   f"(max |prune - simulate| <= {RTOL:g} x max |simulate|), {unsure}/{n} inconclusive "
-                  f"(within the tolerance, but the two images move the output by <= {RTOL:g} of its scale)."]
+                  f"(within the tolerance, but the two images move the output by <= {RTOL:g} of its scale).")]
+    if with_tp:
+        tps = [r.tp or TPCells() for r in rows]
+        built = sum(c.built == "yes" for c in tps)
+        lines += [(f"Torch-Pruning {tp_version()}: {built}/{n} dependency graphs built, "
+                  f"{sum(c.pruned == 'yes' for c in tps)}/{n} pruned by MagnitudePruner at {TP_RATIO:g} "
+                  f"and ran forward.")]
     return "\n\n".join([
-        "# depgraph coverage: torchvision classification models",
+        "# depgraph and Torch-Pruning coverage: torchvision classification models",
         environment(),
         markdown_table(HEADER, [r.cells() for r in rows]),
         *lines,
     ])
+
+
+def tp_version() -> str:
+    """The installed torch-pruning distribution's version (its ``__version__`` lags behind)."""
+    return importlib.metadata.version("torch-pruning")
 
 
 def main() -> None:
@@ -266,6 +362,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", help="comma-separated subset of torchvision model names")
     parser.add_argument("--no-equivalence", action="store_true", help="analysis columns only (quick)")
+    parser.add_argument("--no-tp", action="store_true", help="without the Torch-Pruning columns")
     parser.add_argument("--out", type=Path, help="markdown file to write (default: results/coverage.md "
                         "for a full run, none for a subset)")
     args = parser.parse_args()
@@ -273,9 +370,9 @@ def main() -> None:
     names = args.models.split(",") if args.models else everything
     rows = []
     for name in names:
-        rows.append(isolated(name, not args.no_equivalence))
+        rows.append(isolated(name, not args.no_equivalence, not args.no_tp))
         print(" | ".join(str(c) for c in rows[-1].cells()), flush=True)
-    text = report(rows, not args.no_equivalence)
+    text = report(rows, not args.no_equivalence, not args.no_tp)
     print(text)
     out = args.out or (None if args.models else RESULTS / "coverage.md")
     if out:
