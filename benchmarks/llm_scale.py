@@ -64,7 +64,8 @@ def config_rows(names: list[str]) -> list[str]:
             continue
         target = ("< 30 s and < 2048 MB: " + ("pass" if r["seconds"] < 30 and r["rss_mb"] < 2048 else "FAIL")
                   if name == "8b" else "")
-        rows.append(f"| Llama-3-{name.upper()}-sized | {r['params'] / 1e9:.1f} B | {CONFIGS[name]['num_hidden_layers']} "
+        layers = CONFIGS[name]["num_hidden_layers"]
+        rows.append(f"| Llama-3-{name.upper()}-sized | {r['params'] / 1e9:.1f} B | {layers} "
                     f"| {r['groups']} | {r['unsupported']} | {r['seconds']:.2f} | {r['rss_mb']:.0f} | {target} |")
     return rows
 

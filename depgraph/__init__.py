@@ -16,7 +16,8 @@ from .plan import Plan, Reconciliation
 from .solver import solve
 
 __all__ = [
-    "analyze", "infer_inputs", "solve", "prune", "simulate", "unsimulate", "Plan", "Reconciliation", "Analysis", "Group", "Member", "ActivationMember", "Pinned",
+    "analyze", "infer_inputs", "solve", "prune", "simulate", "unsimulate", "Plan", "Reconciliation",
+    "Analysis", "Group", "Member", "ActivationMember", "Pinned",
     "DepgraphError", "TraceError", "ShapeError", "InputError", "PlanError",
 ]
 __version__ = "0.1.0"

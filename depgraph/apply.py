@@ -89,7 +89,9 @@ def _prepare(model: nn.Module, plan: Plan, inplace: bool) -> tuple[nn.Module, An
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(plan, Plan):
-        raise TypeError(f"plan must be a depgraph.Plan, got {type(plan).__name__}: make one with depgraph.solve or Plan.from_keep")
+        raise TypeError(
+            f"plan must be a depgraph.Plan, got {type(plan).__name__}: make one with depgraph.solve or Plan.from_keep"
+        )
     inputs: Any = tuple(_example(x) for x in plan.inputs)
     if plan.keywords:  # analyze takes keyword inputs as a dict
         inputs = {name: _example(x) for name, x in plan.keywords.items()}

@@ -89,7 +89,9 @@ class Plan:
         """
         if policy not in ("union", "intersection"):
             raise PlanError(f"policy must be 'union' or 'intersection', got {policy!r}")
-        wanted = {(k, 0) if isinstance(k, str) else tuple(k): torch.as_tensor(v, dtype=torch.bool) for k, v in masks.items()}
+        wanted = {
+            (k, 0) if isinstance(k, str) else tuple(k): torch.as_tensor(v, dtype=torch.bool) for k, v in masks.items()
+        }
         _check_mask_names(analysis, wanted)
         keep: dict[int, torch.Tensor] = {}
         totals = [0, 0, 0, 0, 0]  # entries, removed by masks, removed by plan, lost, added

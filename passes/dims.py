@@ -27,7 +27,9 @@ from typing import Iterator, Union
 import torch
 from networkx.utils import UnionFind
 
-__all__ = ["Atom", "Product", "Concat", "Expr", "Unifier", "ONE", "atoms_of", "removed_mask", "kept_mask", "coordinates"]
+__all__ = [
+    "Atom", "Product", "Concat", "Expr", "Unifier", "ONE", "atoms_of", "removed_mask", "kept_mask", "coordinates",
+]
 
 
 @dataclass(frozen=True, slots=True)

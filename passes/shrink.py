@@ -75,7 +75,8 @@ def shrink(
             if updater is not None:
                 updater(gm.get_submodule(str(node.target)), node, nodes, sizes)
         elif node.op in ("call_function", "call_method"):
-            rewrite = GRAPH_REWRITES.get(node.target) or GRAPH_REWRITES.get(getattr(node.target, "overloadpacket", None))
+            packet = getattr(node.target, "overloadpacket", None)
+            rewrite = GRAPH_REWRITES.get(node.target) or GRAPH_REWRITES.get(packet)
             if rewrite is not None:
                 changed |= bool(rewrite(node, nodes, sizes))
     if changed:
@@ -99,7 +100,9 @@ def _slice_state(
         for dim, expr in enumerate(axes):
             if sizes.touches(expr):
                 new = new.index_select(dim, sizes.mask(expr).nonzero().flatten().to(new.device))
-        value = nn.Parameter(new.clone(), requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new.clone()
+        value = new.clone()
+        if isinstance(old, nn.Parameter):
+            value = nn.Parameter(value, requires_grad=old.requires_grad)
         for module in (gm, root) if root is not None else (gm,):
             for alias in names:
                 _set(module, alias, value)
@@ -201,7 +204,9 @@ def _recurrent(m: nn.Module, node: fx.Node, nodes: dict[str, Any], sizes: Sizes)
 
 
 MODULE_UPDATES: dict[type, Callable[..., None]] = {
-    **dict.fromkeys((nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), _conv),
+    **dict.fromkeys(
+        (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), _conv
+    ),
     nn.Linear: _linear,
     **dict.fromkeys((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm), _batch_norm),
     **dict.fromkeys((nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d), _instance_norm),

@@ -221,7 +221,9 @@ def masked_group_norm(
     return y * keep.reshape(shape)
 
 
-def masked_var(x: torch.Tensor, keep: torch.Tensor, dims: Any, correction: float, keepdim: bool, std: bool) -> torch.Tensor:
+def masked_var(
+    x: torch.Tensor, keep: torch.Tensor, dims: Any, correction: float, keepdim: bool, std: bool
+) -> torch.Tensor:
     """Variance (or std) over ``dims`` counting only entries where ``keep`` (broadcastable) is 1."""
     count = (keep * torch.ones_like(x)).sum(dims, keepdim=True)
     mean = (x * keep).sum(dims, keepdim=True) / count.clamp(min=1)
@@ -320,7 +322,8 @@ def _layer_norm_function(gm: fx.GraphModule, node: fx.Node, x: tuple[Expr, ...],
     keep = _trailing_keep(x, 1 if isinstance(shape, int) else len(shape), sizes)
     if keep is not None:
         keep_node = _constant(gm, node, keep, counter)
-        _replace(node, masked_layer_norm, (args["input"], keep_node, args.get("weight"), args.get("bias"), args.get("eps", 1e-5)))
+        weight, bias, eps = args.get("weight"), args.get("bias"), args.get("eps", 1e-5)
+        _replace(node, masked_layer_norm, (args["input"], keep_node, weight, bias, eps))
 
 
 def _group_norm_module(gm: fx.GraphModule, node: fx.Node, x: tuple[Expr, ...], sizes: Sizes, counter: Any) -> None:

@@ -148,7 +148,8 @@ def test_lstm_without_bias() -> None:
 def test_projection_is_its_own_group() -> None:
     a = analyze(Head(nn.LSTM(3, 6, num_layers=2, proj_size=4), 4), X)
     rows = gate_rows(6, 4)
-    hidden = [(f"rnn.{w}_l{layer}", 0, rows) for layer in (0, 1) for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+    hidden = [(f"rnn.{w}_l{layer}", 0, rows) for layer in (0, 1) for w in names]
     hidden = [m for layer in (0, 1) for m in [*hidden[4 * layer : 4 * layer + 4], (f"rnn.weight_hr_l{layer}", 1, [1])]]
     projection = [("rnn.weight_hh_l0", 1, [1]), ("rnn.weight_hr_l0", 0, [1]), ("rnn.weight_ih_l1", 1, [1]),
                   ("rnn.weight_hh_l1", 1, [1]), ("rnn.weight_hr_l1", 0, [1]), ("fc.weight", 1, [1])]
@@ -265,7 +266,8 @@ def test_pruned_lstm_is_an_lstm_that_reads_its_new_weights() -> None:
     assert out.shape == (4, 2, 4) and h.shape == c.shape == (4, 2, 2)
     kept = [0, 3, 5, 8]  # units 0 and 3 of the forward and of the reverse half
     assert torch.equal(small.fc.weight, model.fc.weight[:, kept])
-    assert torch.equal(rnn.weight_hh_l1_reverse, model.rnn.weight_hh_l1_reverse[[0, 3, 5, 8, 10, 13, 15, 18]][:, [0, 3]])
+    kept_rows = [0, 3, 5, 8, 10, 13, 15, 18]
+    assert torch.equal(rnn.weight_hh_l1_reverse, model.rnn.weight_hh_l1_reverse[kept_rows][:, [0, 3]])
 
 
 def test_pruned_projection_sizes() -> None:

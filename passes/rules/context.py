@@ -126,7 +126,9 @@ class Context:
             self.u.pin(axes[d], why)
         return axes
 
-    def module_param(self, node: fx.Node, attr: str, pin_dims: tuple[int, ...] = (), why: str = "") -> tuple[Expr, ...] | None:
+    def module_param(
+        self, node: fx.Node, attr: str, pin_dims: tuple[int, ...] = (), why: str = ""
+    ) -> tuple[Expr, ...] | None:
         """Axes of ``attr`` of the module called by ``node``, or None if it has none."""
         if getattr(self.module(node), attr, None) is None:
             return None
