@@ -98,3 +98,28 @@ def write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text + "\n")
     print(f"wrote {path}")
+
+
+def count_params(model: "torch.nn.Module") -> int:
+    """Number of parameters of ``model``."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def tp_magnitude_prune(model: "torch.nn.Module", x: "torch.Tensor", ratio: float) -> "torch.nn.Module":
+    """A copy of ``model`` pruned by Torch-Pruning's ``MagnitudePruner`` (L2) at ``pruning_ratio=ratio``,
+    the final classifier (last Linear or Conv2d) ignored, nn.MultiheadAttention heads declared."""
+    import copy
+
+    import torch_pruning as tp
+    import torchvision
+    from torch import nn
+
+    model = copy.deepcopy(model)
+    last = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+    heads = {m: m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    pruner = tp.pruner.MagnitudePruner(model, x, importance=tp.importance.MagnitudeImportance(p=2),
+                                       pruning_ratio=ratio, ignored_layers=[last], num_heads=heads)
+    pruner.step()
+    if isinstance(model, torchvision.models.VisionTransformer):
+        model.hidden_dim = model.conv_proj.out_channels  # read by its forward's reshape
+    return model

@@ -52,7 +52,6 @@ lines (``N/M analyzed``, ``N/M equivalent``, ``N/M inconclusive``, and TP's ``N/
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib.metadata
 import math
 import multiprocessing
@@ -66,7 +65,17 @@ from pathlib import Path
 import torch
 import torch_pruning as tp
 import torchvision
-from _util import RESULTS, build, environment, first_line, image_input, markdown_table, write
+from _util import (
+    RESULTS,
+    build,
+    count_params,
+    environment,
+    first_line,
+    image_input,
+    markdown_table,
+    tp_magnitude_prune,
+    write,
+)
 from torch import fx, nn
 
 import depgraph
@@ -241,7 +250,7 @@ def check_equivalence(name: str, row: Row) -> None:
         row.error = (row.error + "; " if row.error else "") + "equivalence: " + first_line(exc, limit=240)
         return
     row.equivalent, row.scale = verdict(ys, yp), f"{ys.abs().max().item():.1e}"
-    row.kept = f"{count(pruned) / count(model):.3f}"
+    row.kept = f"{count_params(pruned) / count_params(model):.3f}"
     row.check_seconds = f"{time.perf_counter() - start:.1f}"
 
 
@@ -256,33 +265,15 @@ def run_tp(name: str) -> TPCells:
         cells.built = "yes"
         cells.groups = len(list(graph.get_all_groups(root_module_types=[nn.Conv2d, nn.Linear])))
         cells.pruned = "no"
-        pruned = tp_magnitude_prune(model, x[:1])
+        pruned = tp_magnitude_prune(model, x[:1], TP_RATIO)
         with torch.no_grad():
             pruned(x)
-        cells.pruned, cells.kept = "yes", f"{count(pruned) / count(model):.3f}"
+        cells.pruned, cells.kept = "yes", f"{count_params(pruned) / count_params(model):.3f}"
     except Exception as exc:  # noqa: BLE001 -- reported in the table, not raised
         cells.built = "no" if cells.built == "-" else cells.built
         cells.error = first_line(exc, limit=200)
     cells.seconds = f"{time.perf_counter() - start:.1f}"
     return cells
-
-
-def tp_magnitude_prune(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    """A copy of ``model`` pruned by ``tp.pruner.MagnitudePruner`` at ``TP_RATIO``, classifier ignored."""
-    model = copy.deepcopy(model)
-    last = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
-    heads = {m: m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
-    pruner = tp.pruner.MagnitudePruner(model, x, importance=tp.importance.MagnitudeImportance(p=2),
-                                       pruning_ratio=TP_RATIO, ignored_layers=[last], num_heads=heads)
-    pruner.step()
-    if isinstance(model, torchvision.models.VisionTransformer):
-        model.hidden_dim = model.conv_proj.out_channels  # read by its forward's reshape
-    return model
-
-
-def count(model: nn.Module) -> int:
-    """Number of parameters of ``model``."""
-    return sum(p.numel() for p in model.parameters())
 
 
 def worker(conn: Connection, name: str, equivalence: bool, with_tp: bool) -> None:

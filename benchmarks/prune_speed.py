@@ -40,7 +40,6 @@ Prints the table; writes ``--out`` (by default ``benchmarks/results/prune_speed.
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 import warnings
@@ -49,9 +48,8 @@ from importlib.metadata import version
 from pathlib import Path
 
 import torch
-import torch_pruning as tp
 import torchvision
-from _util import RESULTS, environment, first_line, markdown_table, write
+from _util import RESULTS, count_params, environment, first_line, markdown_table, tp_magnitude_prune, write
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -74,34 +72,10 @@ def build_model(name: str) -> nn.Module:
     return torchvision.models.get_model(name, weights=None).eval()
 
 
-def classifier(model: nn.Module) -> nn.Module:
-    """The final classifier: the last ``nn.Linear`` of the model."""
-    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
-
-
 def depgraph_prune(model: nn.Module, x: torch.Tensor, ratio: float) -> nn.Module:
     """depgraph: remove ``ratio`` of the units of every group, lowest L2 norm first."""
     plan = depgraph.solve(depgraph.analyze(model, x), sparsity=ratio, importance="l2")
     return depgraph.prune(model, plan)
-
-
-def tp_prune(model: nn.Module, x: torch.Tensor, ratio: float) -> nn.Module:
-    """Torch-Pruning: magnitude (L2) pruner at ``pruning_ratio=ratio``, classifier ignored."""
-    model = copy.deepcopy(model)
-    heads = {m: m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
-    pruner = tp.pruner.MagnitudePruner(
-        model, x, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=ratio,
-        ignored_layers=[classifier(model)], num_heads=heads,
-    )
-    pruner.step()
-    if isinstance(model, torchvision.models.VisionTransformer):
-        model.hidden_dim = model.conv_proj.out_channels  # read by its forward's reshape
-    return model
-
-
-def count_params(model: nn.Module) -> int:
-    """Number of parameters."""
-    return sum(p.numel() for p in model.parameters())
 
 
 def count_macs(model: nn.Module, x: torch.Tensor) -> int:
@@ -180,7 +154,7 @@ def model_rows(name: str, args: argparse.Namespace) -> list[list[str]]:
     base = measure(model, args)
     rows = [cells(name, "-", "original", base, base, batches)]
     for ratio in args.ratios:
-        for method, prune in (("depgraph", depgraph_prune), ("TP", tp_prune)):
+        for method, prune in (("depgraph", depgraph_prune), ("TP", tp_magnitude_prune)):
             try:
                 result = measure(prune(model, x, ratio), args)
             except Exception as exc:  # noqa: BLE001 -- a failed prune is a row, not a crash
