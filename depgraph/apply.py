@@ -8,9 +8,10 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from passes.adopt import adopt
 from passes.errors import DepgraphError, PlanError
 from passes.meta import TensorMeta
-from passes.shrink import shrink
+from passes.shrink import Sizes, shrink
 from passes.simulate import remove_simulation, simulate_graph
 
 from .analyze import analyze
@@ -27,7 +28,12 @@ def prune(model: nn.Module, plan: Plan, inplace: bool = False) -> nn.Module:
     ``num_features``, ...) are updated; shape literals in the graph are rewritten.
     Returns the model's own class when its forward still runs unchanged, and a
     ``torch.fx.GraphModule`` (traced in the model's current train/eval mode) when
-    graph literals had to change. ``model`` is untouched unless ``inplace``.
+    graph literals had to change. For plans made with the ``"export"`` or ``"record"``
+    tracer, attributes such as ``head_dim`` or ``num_key_value_heads`` and a Hugging Face
+    ``config`` are updated too, and the model's own class is returned when its forward
+    gives the rewritten graph's outputs on the example inputs (the graph otherwise; a
+    warning says when the config cannot describe the pruned sizes). ``model`` is
+    untouched unless ``inplace``.
 
     Examples
     --------
@@ -40,8 +46,11 @@ def prune(model: nn.Module, plan: Plan, inplace: bool = False) -> nn.Module:
     """
     target, analysis, removed = _prepare(model, plan, inplace)
     changed = shrink(analysis.graph, analysis.params, analysis.nodes, removed, root=target)
-    # an exported graph calls no modules, so module attributes were not updated: return the graph
-    return analysis.graph if changed or analysis.tracer in ("export", "record") else target
+    if analysis.tracer in ("export", "record"):
+        # the graph calls no modules: set their attributes from its ops, keep the class if it runs alike
+        sizes = Sizes(removed)
+        return adopt(target, analysis.graph, analysis.params, analysis.nodes, sizes, (plan.inputs, plan.keywords))
+    return analysis.graph if changed else target
 
 
 def simulate(model: nn.Module, plan: Plan, inplace: bool = False) -> fx.GraphModule:

@@ -198,7 +198,8 @@ def test_keyword_inputs_are_recorded_saved_and_applied(tmp_path: Path) -> None:
     plan.save(tmp_path / "plan.json")
     loaded = Plan.load(tmp_path / "plan.json")
     assert loaded.keywords == plan.keywords
-    with torch.no_grad():
+    # a kv head pruned in layer 0 only: the config (one size for every layer) cannot say so
+    with torch.no_grad(), pytest.warns(UserWarning, match="its config cannot describe its sizes"):
         simulated, pruned = depgraph.simulate(model, loaded)(**kwargs), depgraph.prune(model, loaded)(**kwargs)
     assert isinstance(pruned, transformers.modeling_outputs.CausalLMOutputWithPast)
     assert pruned.logits.shape == (1, 8, 64)

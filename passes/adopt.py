@@ -1,0 +1,266 @@
+"""Adopt: after an export or recording prune, keep the model's own class where it can run.
+
+Needs: the model whose parameters :func:`passes.shrink.shrink` has already sliced (the
+``root`` it was given), the rewritten graph module, the resolved axes of parameters and
+nodes, the removed units per atom, and the example inputs of the analysis.
+Does, in place on the model: updates the attributes module forwards read, from the
+graph's op that uses each module's parameters (``in_channels``, ``groups``,
+``num_features``, ...); updates attention attributes (``head_dim``, ``num_heads``,
+``num_key_value_heads``, ``all_head_size``, ``split_size``) from the views that split a
+projection into heads, an ``intermediate_size`` from the module's own parameters, and a
+Hugging Face ``config`` where every layer agrees. Then runs the model's own forward and the
+graph on the example inputs: the model is kept only when the two give the same outputs
+(it then runs at any input shape, while the graph is specialized to the example's).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from .dims import Expr
+from .meta import TensorMeta
+from .shrink import MODULE_UPDATES, Sizes
+
+__all__ = ["adopt", "update_attributes"]
+
+HEAD_ATTRIBUTES = {
+    **dict.fromkeys(("num_heads", "num_attention_heads", "n_head", "n_heads", "num_key_value_heads",
+                     "num_kv_heads", "n_kv_heads"), "heads"),
+    **dict.fromkeys(("head_dim", "attention_head_size", "head_size"), "head_dim"),
+    **dict.fromkeys(("all_head_size", "split_size", "inner_dim"), "width"),
+}
+"""Module and config attributes that count heads, a head's width, or all heads' width."""
+CONFIG_HEADS = ("num_attention_heads", "num_key_value_heads", "n_head", "head_dim")
+"""Config attributes set from the head-splitting views of every layer, when they agree."""
+WIDTH_ATTRIBUTES = ("intermediate_size",)
+"""Module attributes set from the pruned size of the module's own parameters of that size."""
+HIDDEN_ATTRIBUTES = ("hidden_size", "n_embd", "embed_dim", "d_model")
+"""Module and config attributes set from the embedding width (the hidden stream)."""
+RTOL = 1e-4
+"""Allowed max |module - graph| relative to max |graph| for the model to be kept."""
+
+NORMS = ("LayerNorm", "RMSNorm")
+"""Class-name endings of norms over the hidden stream (Hugging Face's ``LlamaRMSNorm``, ...)."""
+
+_VIEWS = ("view", "reshape", "_unsafe_view")
+
+
+def adopt(
+    root: nn.Module,
+    gm: fx.GraphModule,
+    params: dict[str, tuple[Expr, ...]],
+    nodes: dict[str, Any],
+    sizes: Sizes,
+    inputs: tuple[tuple[Any, ...], dict[str, Any]],
+) -> nn.Module:
+    """``root`` if, its attributes updated, it computes what ``gm`` computes on ``inputs``; else ``gm``.
+
+    ``inputs`` are ``(args, kwargs)``; a :class:`TensorMeta` among them becomes a tensor
+    (random normal for floating dtypes, ones otherwise) on the model's device. On the
+    ``meta`` device only output shapes can be compared.
+    """
+    update_attributes(root, gm, params, nodes, sizes)
+    if not _same_outputs(root, gm, inputs):
+        return gm
+    for name, model, differ in _undescribed(root):
+        warnings.warn(
+            f"the pruned {type(model).__name__} runs, but its config cannot describe its sizes, so rebuilding it "
+            f"from the config fails ({len(differ)} parameters differ; {differ[0]}): the config has one size per "
+            "model (heads and head_dim derived from the hidden size where it has no head_dim, the same sizes in "
+            "every layer). Save the pruned model whole (torch.save) or save the plan and prune a fresh model",
+            stacklevel=3,
+        )
+    return root
+
+
+def update_attributes(
+    root: nn.Module, gm: fx.GraphModule, params: dict[str, tuple[Expr, ...]], nodes: dict[str, Any], sizes: Sizes
+) -> None:
+    """Set the pruned sizes on ``root``'s modules and configs (module docstring)."""
+    _update_modules(root, gm, nodes, sizes)
+    heads = _head_pairs(gm, nodes, sizes)
+    hidden = _hidden_pairs(root, params, sizes)
+    for name, module in root.named_modules():
+        for attr, kind in HEAD_ATTRIBUTES.items():
+            _assign(module, attr, heads.get((name, kind), []))
+        prefix = f"{name}." if name else ""
+        own = [(e.size, sizes.size(e)) for p, axes in params.items() if p.startswith(prefix) for e in axes]
+        for attr in WIDTH_ATTRIBUTES:
+            _assign(module, attr, own)
+        for attr in HIDDEN_ATTRIBUTES:
+            _assign(module, attr, hidden)
+    everywhere: dict[str, list[tuple[int, int]]] = {}
+    for (_, kind), pairs in heads.items():
+        everywhere.setdefault(kind, []).extend(pairs)
+    every = [(e.size, sizes.size(e)) for axes in params.values() for e in axes]
+    for config in _configs(root):
+        _update_config(config, everywhere, hidden, every)
+
+
+def _hidden_pairs(root: nn.Module, params: dict[str, tuple[Expr, ...]], sizes: Sizes) -> list[tuple[int, int]]:
+    """(size before, size after) of the hidden stream: the last axis of embeddings' and layer
+    norms' weights (the widths of attention heads coincide with it too often to use those)."""
+    pairs = []
+    for name, module in root.named_modules():
+        norm = isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith(NORMS)
+        axes = params.get(f"{name}.weight" if name else "weight")
+        if (norm or isinstance(module, nn.Embedding)) and axes:
+            pairs.append((axes[-1].size, sizes.size(axes[-1])))
+    return pairs
+
+
+def _update_modules(root: nn.Module, gm: fx.GraphModule, nodes: dict[str, Any], sizes: Sizes) -> None:
+    """Module classes with an entry in MODULE_UPDATES, from the op that first reads their parameters."""
+    users = _first_users(gm)
+    for name, module in root.named_modules():
+        update = MODULE_UPDATES.get(type(module))
+        node = next((users[f"{name}.{p}"] for p, _ in module.named_parameters(recurse=False)
+                     if f"{name}.{p}" in users), None)
+        source = node.args[0] if node is not None and node.args else None
+        if update is not None and isinstance(source, fx.Node) and source.name in nodes:
+            update(module, node, nodes, sizes)
+        elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # Hugging Face's (in, out) linear
+            module.nx, module.nf = module.weight.shape
+
+
+def _update_config(config: Any, heads: dict[str, list], hidden: list[tuple[int, int]], every: list) -> None:
+    """Heads and head_dim from every layer's views, the hidden size from embeddings and norms,
+    and ``intermediate_size`` from every parameter axis of that size, when each agrees throughout."""
+    for attr in CONFIG_HEADS:
+        _assign(config, attr, heads.get(HEAD_ATTRIBUTES[attr], []))
+    for attr in HIDDEN_ATTRIBUTES:
+        _assign(config, attr, hidden)
+    for attr in WIDTH_ATTRIBUTES:
+        _assign(config, attr, every)
+
+
+def _first_users(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """The first op reading each parameter or buffer, by qualified name."""
+    users: dict[str, fx.Node] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.users:
+            users.setdefault(str(node.target), next(iter(node.users)))
+    return users
+
+
+def _head_pairs(gm: fx.GraphModule, nodes: dict[str, Any], sizes: Sizes) -> dict[tuple[str, str], list]:
+    """(module, "heads" | "head_dim" | "width") -> (size before, size after) of every view in
+    that module that splits its input's last axis into (heads, head_dim)."""
+    found: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or getattr(node.target, "__name__", "").split(".")[0] not in _VIEWS:
+            continue
+        source, out = node.args[0], nodes.get(node.name)
+        axes = nodes.get(source.name) if isinstance(source, fx.Node) else None
+        if not (isinstance(out, tuple) and isinstance(axes, tuple) and len(out) == len(axes) + 1 >= 3):
+            continue
+        if [e.size for e in out[:-2]] != [e.size for e in axes[:-1]] or out[-2].size * out[-1].size != axes[-1].size:
+            continue
+        stack = node.meta.get("nn_module_stack") or {}
+        owner = list(stack.values())[-1][0] if stack else ""
+        for kind, expr in (("heads", out[-2]), ("head_dim", out[-1]), ("width", axes[-1])):
+            found.setdefault((owner, kind), []).append((expr.size, sizes.size(expr)))
+    return found
+
+
+def _assign(holder: Any, attr: str, pairs: list[tuple[int, int]]) -> None:
+    """Set ``holder.attr`` to the size after pruning of the axes that had its value before,
+    when they all agree (several, or none, leave it alone)."""
+    value = getattr(holder, attr, None)
+    if not isinstance(value, int) or isinstance(value, bool):
+        return
+    after = {new for old, new in pairs if old == value}
+    if len(after) == 1:
+        setattr(holder, attr, after.pop())
+
+
+def _configs(root: nn.Module) -> Iterator[Any]:
+    """The distinct Hugging Face-style configs (objects with ``to_dict``) the modules hold."""
+    seen: set[int] = set()
+    for module in root.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "to_dict") and id(config) not in seen:
+            seen.add(id(config))
+            yield config
+
+
+def _undescribed(root: nn.Module) -> Iterator[tuple[str, nn.Module, list[str]]]:
+    """(name, model, differences) for each outermost Hugging Face-style model (a module with a
+    ``config`` and ``_from_config``) whose config builds parameters of other shapes (built on meta)."""
+    outer: list[str] = []
+    for name, model in root.named_modules():
+        if not (hasattr(model, "_from_config") and hasattr(model, "config")):
+            continue
+        if any(name.startswith(f"{o}.") or not o for o in outer):
+            continue
+        outer.append(name)
+        try:
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fresh = model._from_config(copy.deepcopy(model.config))
+        except Exception:  # noqa: BLE001 -- a config that cannot build at all says nothing about sizes
+            continue
+        own = model.state_dict()
+        differ = [f"{k} is {tuple(own[k].shape)}, the config builds {tuple(t.shape)}"
+                  for k, t in fresh.state_dict().items() if k in own and own[k].shape != t.shape]
+        if differ:
+            yield name, model, differ
+
+
+def _same_outputs(root: nn.Module, gm: fx.GraphModule, inputs: tuple[tuple[Any, ...], dict[str, Any]]) -> bool:
+    """Whether ``root`` and ``gm`` give the same outputs on ``inputs`` (with the same random
+    seed, and the buffers as they were before: a training-mode batch norm updates them)."""
+    device = next((t.device for t in (*root.parameters(), *root.buffers())), torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    args, kwargs = tree_map(lambda x: _example(x, device, gen), inputs)
+    state = {id(t): (t, t.detach().clone()) for t in (*root.buffers(), *gm.buffers())}
+    outputs = []
+    try:
+        for module in (gm, root):
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                outputs.append(module(*args, **kwargs))
+    except Exception:  # noqa: BLE001 -- a forward that cannot run with the new sizes means: keep the graph
+        return False
+    finally:
+        with torch.no_grad():
+            for tensor, saved in state.values():
+                tensor.copy_(saved)
+    return _close(*outputs)
+
+
+def _example(x: Any, device: torch.device, gen: torch.Generator) -> Any:
+    if not isinstance(x, TensorMeta):
+        return x
+    if x.dtype.is_floating_point:
+        return torch.randn(x.shape, generator=gen, dtype=x.dtype).to(device)
+    return torch.ones(x.shape, dtype=x.dtype, device=device)
+
+
+def _close(expected: Any, actual: Any) -> bool:
+    want, want_spec = tree_flatten(expected)
+    got, got_spec = tree_flatten(actual)
+    if want_spec != got_spec:
+        return False
+    for a, b in zip(want, got):
+        if not isinstance(a, torch.Tensor):
+            if a != b:
+                return False
+        elif not isinstance(b, torch.Tensor) or a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        elif not a.is_meta and a.numel():
+            if a.is_floating_point():
+                scale = max(a.abs().max().item(), math.ulp(1.0))
+                if not (a - b).abs().max().item() <= RTOL * scale:
+                    return False
+            elif not torch.equal(a, b):
+                return False
+    return True
