@@ -41,8 +41,12 @@ def _tensor(y: Any) -> Tensor:
 
 
 def _halves(a: Analysis, skip: int) -> dict[int, list[int]]:
-    """Every second unit of every group, but those of size ``skip`` (head_dim) stay whole."""
-    return {g.index: list(range(0, g.size, 2)) for g in a.groups if g.size != skip}
+    """Every second unit of every group, but head_dim stays whole: groups of size ``skip``, and
+    the rotary pairs of q/k head_dim (with ``inv_freq``; found when transformers 5 computes
+    cos/sin in the graph)."""
+    def head_dim(g: Any) -> bool:
+        return g.size == skip or any(m.name.endswith("inv_freq") for m in g.members)
+    return {g.index: list(range(0, g.size, 2)) for g in a.groups if not head_dim(g)}
 
 
 # -- Hugging Face ----------------------------------------------------------------------------
