@@ -1,8 +1,13 @@
-"""Coverage of ``depgraph`` and Torch-Pruning over every torchvision classification model.
+"""Coverage of ``depgraph`` and Torch-Pruning: every torchvision classification model here;
+the other families through ``--family``.
 
 Run::
 
     python benchmarks/coverage.py                       # all models, writes results/coverage.md
+    python benchmarks/coverage.py --family tasks        # runs tasks_coverage.py: torchvision detection,
+                                                        # segmentation, video, optical flow
+    python benchmarks/coverage.py --family hf           # runs hf_coverage.py: Hugging Face + Llama/Qwen sweep
+    python benchmarks/coverage.py --family all          # the three, one after the other (over an hour)
     python benchmarks/coverage.py --no-equivalence      # analysis columns only (quick)
     python benchmarks/coverage.py --no-tp               # without the Torch-Pruning columns
     python benchmarks/coverage.py --models resnet18,vit_b_16   # a subset, printed only
@@ -57,6 +62,8 @@ import argparse
 import importlib.metadata
 import math
 import multiprocessing
+import subprocess
+import sys
 import time
 import warnings
 from collections import Counter
@@ -97,6 +104,9 @@ TIMEOUT_S = 1200
 TP_TIMEOUT_S = 300
 """Seconds Torch-Pruning may take on one model, after depgraph's columns are done."""
 TP_RATIO = 0.5
+FAMILIES = {"tasks": "tasks_coverage.py", "hf": "hf_coverage.py"}
+"""The sweeps of the other families, by ``--family`` name: scripts beside this one, each
+writing its own table to ``results/``."""
 
 warnings.filterwarnings("ignore", category=FutureWarning, module="torchvision")  # inception/googlenet init
 warnings.filterwarnings("ignore", module="torch_pruning")
@@ -373,7 +383,14 @@ def main() -> None:
     parser.add_argument("--no-tp", action="store_true", help="without the Torch-Pruning columns")
     parser.add_argument("--out", type=Path, help="markdown file to write (default: results/coverage.md "
                         "for a full run, none for a subset)")
+    parser.add_argument("--family", choices=("classification", *FAMILIES, "all"), default="classification",
+                        help="which sweep to run (the others are their own scripts; options apply to this one)")
     args = parser.parse_args()
+    others = list(FAMILIES) if args.family == "all" else [f for f in FAMILIES if f == args.family]
+    for family in others:
+        subprocess.run([sys.executable, str(Path(__file__).with_name(FAMILIES[family]))], check=False)
+    if args.family not in ("classification", "all"):
+        return
     everything = torchvision.models.list_models(module=torchvision.models)
     names = args.models.split(",") if args.models else everything
     rows = []

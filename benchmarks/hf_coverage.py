@@ -20,6 +20,14 @@ the same shape (a different seed); *equivalent* when ``max |y_pruned - y_simulat
 max |y_simulated|`` on the model's ``logits`` (``last_hidden_state`` for BERT). Seconds cover
 the build, analysis, plan, prune, simulate and forwards.
 
+*own class, other shape (head_dim whole)*: a second plan keeps half of every group's units
+but head_dim's (the groups whose size is the head width, or that hold a rotary ``inv_freq``:
+one ``head_dim`` attribute cannot describe a value head_dim pruned apart from q/k's);
+``yes`` when ``depgraph.prune`` returns the model's own class and its output equals
+``simulate``'s (same tolerance) on inputs of another shape (batch 2, length 11), the plan
+re-applied to an analysis at that shape. *config rebuilds it*: the pruned model's config
+builds (on the meta device) parameters of the pruned model's shapes.
+
 Torch-Pruning columns, on a fresh copy of the same model and the same inputs:
 ``tp.DependencyGraph().build_dependency`` (built, and the number of groups of
 ``get_all_groups(root_module_types=[nn.Linear, nn.Conv2d])``), then
@@ -63,7 +71,8 @@ from torch import Tensor, nn
 import depgraph
 
 HEADER = ["model", "config", "analyzed", "groups", "unsupported ops", "pruned", "equivalent (err / scale)",
-          "params kept", "depgraph s", "depgraph error", "TP graph built", "TP groups",
+          "params kept", "own class, other shape (head_dim whole)", "config rebuilds it", "depgraph s",
+          "depgraph error", "TP graph built", "TP groups",
           "TP pruned (0.5) + forward", "TP output kept", "TP params kept", "TP s", "TP error"]
 RTOL = 1e-4
 """Allowed max |prune - simulate| relative to max |simulate|."""
@@ -97,12 +106,12 @@ class Spec:
         model_class = getattr(transformers, self.model_class)
         return model_class._from_config(config, attn_implementation="eager").eval()
 
-    def inputs(self, seed: int) -> dict[str, Any]:
+    def inputs(self, seed: int, batch: int = 1, length: int = IDS[1]) -> dict[str, Any]:
         """Keyword inputs of the model (see the module docstring), drawn with ``seed``."""
         gen = torch.Generator().manual_seed(seed)
         if self.model_class.startswith("ViT"):
-            return {"pixel_values": torch.randn(1, 3, 16, 16, generator=gen)}
-        ids = torch.randint(0, 64, IDS, generator=gen)
+            return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=gen)}
+        ids = torch.randint(0, 64, (batch, length), generator=gen)
         if self.model_class == "BertModel":
             return {"input_ids": ids}
         return {"input_ids": ids, "use_cache": False}
@@ -170,13 +179,16 @@ class Row:
     equivalent: str = "-"
     kept: str = "-"
     seconds: str = "-"
+    own: str = "-"
+    rebuilds: str = "-"
     error: str = ""
     tp: list[object] = field(default_factory=lambda: ["-"] * 7)
 
     def cells(self) -> list[object]:
         """The row's cells, in the order of ``HEADER``."""
         return [self.spec.name, self.spec.describe(), "yes" if self.analyzed else "no", self.groups,
-                self.unsupported, self.pruned, self.equivalent, self.kept, self.seconds, self.error, *self.tp]
+                self.unsupported, self.pruned, self.equivalent, self.kept, self.own, self.rebuilds, self.seconds,
+                self.error, *self.tp]
 
 
 def count(model: nn.Module) -> int:
@@ -203,12 +215,48 @@ def run_depgraph(spec: Spec) -> Row:
         row.error = first_line(exc, limit=200)
         row.seconds = f"{time.perf_counter() - start:.1f}"
         return row
-    scale = ys.abs().max().item()
-    err = (yp - ys).abs().max().item() / scale
-    row.equivalent = f"{'yes' if err <= RTOL else 'NO'} ({err:.1e} / {scale:.1e})"
+    row.equivalent = verdict(ys, yp)
     row.kept = f"{count(pruned) / count(model):.3f}"
+    try:
+        own_class(spec, model, analysis, row)
+    except Exception as exc:  # noqa: BLE001 -- reported in the table, not raised
+        row.error = "own class: " + first_line(exc, limit=200)
     row.seconds = f"{time.perf_counter() - start:.1f}"
     return row
+
+
+def verdict(ys: Tensor, yp: Tensor) -> str:
+    """``yes (err / scale)`` when max |yp - ys| <= RTOL x max |ys|, else ``NO (...)``."""
+    scale = ys.abs().max().item()
+    err = (yp - ys).abs().max().item() / scale
+    return f"{'yes' if err <= RTOL else 'NO'} ({err:.1e} / {scale:.1e})"
+
+
+def own_class(spec: Spec, model: nn.Module, analysis: depgraph.Analysis, row: Row) -> None:
+    """The *own class* and *config rebuilds it* cells: a plan keeping half of every group but
+    head_dim's (groups of the head width's size, or holding a rotary ``inv_freq``); whether
+    prune returns the model's class, and its output against simulate's on inputs of another
+    shape (batch 2, length 11), the plan re-applied to an analysis at that shape; whether the
+    updated config builds parameters of the pruned shapes."""
+    config = model.config
+    width = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    keep = {g.index: list(range(0, g.size, 2)) for g in analysis.groups
+            if g.size != width and not any(m.name.endswith("inv_freq") for m in g.members)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the config cell says whether it describes the pruned model
+        pruned = depgraph.prune(model, depgraph.Plan.from_keep(analysis, keep))
+    if type(pruned) is not type(model):
+        row.own = f"no ({type(pruned).__name__})"
+        return
+    other = spec.inputs(2, batch=2, length=11)
+    plan = depgraph.Plan.from_keep(depgraph.analyze(model, other, tracer="export"), keep)
+    with torch.no_grad():
+        row.own = verdict(output(spec, depgraph.simulate(model, plan)(**other)), output(spec, pruned(**other)))
+    with torch.device("meta"):
+        fresh = type(model)._from_config(pruned.config).state_dict()
+    own = pruned.state_dict()
+    differ = sum(own[k].shape != t.shape for k, t in fresh.items() if k in own)
+    row.rebuilds = "yes" if not differ else f"no ({differ} parameters differ)"
 
 
 def head(model: nn.Module) -> list[nn.Module]:
@@ -334,7 +382,9 @@ def report(rows: list[Row]) -> str:
         f"{sum(r.unsupported == '0' for r in rows)}/{n} with no unsupported op, "
         f"{sum(r.pruned == 'yes' for r in rows)}/{n} pruned and simulated, "
         f"{sum(r.equivalent.startswith('yes') for r in rows)}/{n} equivalent "
-        f"(max |prune - simulate| <= {RTOL:g} x max |simulate|)."),
+        f"(max |prune - simulate| <= {RTOL:g} x max |simulate|); with head_dim kept whole, "
+        f"{sum(r.own.startswith('yes') for r in rows)}/{n} pruned models keep their class and equal simulate "
+        f"at another input shape, {sum(r.rebuilds == 'yes' for r in rows)}/{n} have a config that rebuilds them."),
         (f"Torch-Pruning {tp_version()}: {sum(c[0] == 'yes' for c in tps)}/{n} dependency graphs built, "
         f"{sum(c[2] == 'yes' for c in tps)}/{n} pruned at {TP_RATIO:g} and ran forward, "
         f"{sum(c[3] == 'yes' for c in tps)}/{n} with the output shape kept, "
