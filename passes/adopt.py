@@ -126,7 +126,10 @@ def _update_modules(root: nn.Module, gm: fx.GraphModule, nodes: dict[str, Any], 
                      if f"{name}.{p}" in users), None)
         source = node.args[0] if node is not None and node.args else None
         if update is not None and isinstance(source, fx.Node) and source.name in nodes:
-            update(module, node, nodes, sizes)
+            replacement = update(module, node, nodes, sizes)
+            if replacement is not None:  # nn.MultiheadAttention -> PrunedMultiheadAttention
+                owner, _, attr = name.rpartition(".")
+                setattr(root.get_submodule(owner), attr, replacement)
         elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # Hugging Face's (in, out) linear
             module.nx, module.nf = module.weight.shape
 

@@ -23,6 +23,7 @@ from torch import fx, nn
 from .dims import Atom, Expr, Product, kept_mask
 from .errors import PlanError
 from .meta import VALUE, TensorMeta
+from .mha import PrunedMultiheadAttention
 
 __all__ = ["shrink", "Sizes"]
 
@@ -72,8 +73,10 @@ def shrink(
     for node in gm.graph.nodes:
         if node.op == "call_module":
             updater = MODULE_UPDATES.get(type(gm.get_submodule(str(node.target))))
-            if updater is not None:
-                updater(gm.get_submodule(str(node.target)), node, nodes, sizes)
+            replacement = updater(gm.get_submodule(str(node.target)), node, nodes, sizes) if updater else None
+            if replacement is not None:
+                for module in (gm, root) if root is not None else (gm,):
+                    _replace(module, str(node.target), replacement)
         elif node.op in ("call_function", "call_method"):
             packet = getattr(node.target, "overloadpacket", None)
             rewrite = GRAPH_REWRITES.get(node.target) or GRAPH_REWRITES.get(packet)
@@ -116,6 +119,14 @@ def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
         return  # fx dropped a module the graph does not use
     if hasattr(holder, attr):
         setattr(holder, attr, value)
+
+
+def _replace(module: nn.Module, name: str, replacement: nn.Module) -> None:
+    owner, _, attr = name.rpartition(".")
+    try:
+        setattr(module.get_submodule(owner), attr, replacement)
+    except AttributeError:
+        return  # fx dropped a module the graph does not call
 
 
 def _get(gm: fx.GraphModule, name: str) -> torch.Tensor:
@@ -203,7 +214,17 @@ def _recurrent(m: nn.Module, node: fx.Node, nodes: dict[str, Any], sizes: Sizes)
     m._init_flat_weights()
 
 
-MODULE_UPDATES: dict[type, Callable[..., None]] = {
+def _multihead_attention(m: nn.Module, node: fx.Node, nodes: dict[str, Any], sizes: Sizes) -> nn.Module | None:
+    """nn.MultiheadAttention whose heads or widths shrank: a PrunedMultiheadAttention with
+    the same (sliced) parameters; a PrunedMultiheadAttention is rebuilt the same way."""
+    m.out_proj.out_features, m.out_proj.in_features = m.out_proj.weight.shape
+    replacement = PrunedMultiheadAttention(m)
+    before = (m.embed_dim, m.kdim, m.vdim, m.num_heads)
+    after = (replacement.embed_dim, replacement.kdim, replacement.vdim, replacement.num_heads)
+    return replacement if after != before or isinstance(m, PrunedMultiheadAttention) else None
+
+
+MODULE_UPDATES: dict[type, Callable[..., nn.Module | None]] = {
     **dict.fromkeys(
         (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), _conv
     ),
@@ -215,8 +236,10 @@ MODULE_UPDATES: dict[type, Callable[..., None]] = {
     nn.Embedding: _embedding,
     nn.PReLU: _prelu,
     **dict.fromkeys((nn.LSTM, nn.GRU, nn.RNN), _recurrent),
+    **dict.fromkeys((nn.MultiheadAttention, PrunedMultiheadAttention), _multihead_attention),
 }
-"""Attribute updates per module class; add an entry when a module rule is added."""
+"""Attribute updates per module class; add an entry when a module rule is added. An update
+that returns a module has it replace the pruned one (in the graph module and the model)."""
 
 
 # -- graph literals -------------------------------------------------------------------

@@ -187,7 +187,6 @@ def _surviving_blocks(size: int, blocks: int, removed: torch.Tensor) -> int:
 _SAFE_MODULES = (
     nn.Linear, nn.Embedding, nn.modules.batchnorm._BatchNorm, nn.PReLU, nn.Softmax2d,
     nn.modules.conv._ConvNd, nn.modules.instancenorm._InstanceNorm,
-    nn.MultiheadAttention,  # its rule pins every axis tied to embed_dim and num_heads
 )
 """Modules whose forward reads no size attribute a group may change (or one rewritten above)."""
 _AFFINE_MODULES = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)

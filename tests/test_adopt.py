@@ -168,3 +168,29 @@ def test_a_recorded_model_keeps_its_class_where_its_branches_run_alike() -> None
     pruned = depgraph.prune(model, Plan.from_keep(a, {0: [0, 4]}))
     assert type(pruned) is ValueGate and (pruned.fc.out_features, pruned.out.in_features) == (2, 2)
     _same_at(model, pruned, {0: [0, 4]}, (torch.full((5, 4), 0.5),), "record")
+
+
+class SelfAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Linear(8, 8), nn.Linear(8, 5)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x)
+        return self.head(self.attn(h, h, h, need_weights=False)[0])
+
+
+def test_an_exported_multihead_attention_is_replaced_when_head_dim_is_kept() -> None:
+    torch.manual_seed(0)
+    model, x = ShapeGuarded(SelfAttention()).eval(), torch.randn(2, 3, 8)
+    a = depgraph.analyze(model, x, tracer="export")
+    # ATen exposes head_dim (4) as a group too; prune keeps the class only while it stays whole
+    assert [g.size for g in a.groups] == [8, 2, 4, 8]
+    keep = {0: [1, 2, 5], 1: [1], 3: [0, 3, 4]}
+    pruned = depgraph.prune(model, Plan.from_keep(a, keep))
+    attn = pruned.model.attn
+    assert type(pruned) is ShapeGuarded and type(attn).__name__ == "PrunedMultiheadAttention"
+    assert (attn.embed_dim, attn.num_heads, attn.head_dim) == (3, 1, 4)
+    _same_at(model, pruned, keep, (torch.randn(4, 7, 8),), "export")
+    assert isinstance(depgraph.prune(model, Plan.from_keep(a, {**keep, 2: [0, 1]})), fx.GraphModule)

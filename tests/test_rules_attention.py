@@ -14,10 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from axes import assert_axes_match_shapes
+from equivalence import check_plan
 from oracle import check_group
 from torch import Tensor, fx, nn
 
 import depgraph
+from depgraph import Plan
+from passes.mha import PrunedMultiheadAttention
 
 E, H, HD = 12, 3, 4
 X = torch.randn(2, 5, E)
@@ -274,12 +277,43 @@ class WithMHA(nn.Module):
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"batch_first": True}, {"bias": False}])
-def test_multihead_attention_prunes_only_its_output_width(kwargs: dict[str, Any]) -> None:
+def test_multihead_attention_prunes_query_width_heads_and_output_width(kwargs: dict[str, Any]) -> None:
     a = analyze(WithMHA(**kwargs), X)
     bias = [] if kwargs.get("bias") is False else [("attn.out_proj.bias", 0, [0])]
-    assert groups(a) == [(E, [("attn.out_proj.weight", 0, [0]), *bias, ("head.weight", 1, [0])])]
-    assert {("attn.in_proj_weight", 0), ("attn.out_proj.weight", 1)} <= pinned_members(a, "heads and head_dim")
-    assert {("embed.weight", 0), ("attn.in_proj_weight", 1)} <= pinned_members(a, "query's width")
+    head0 = [*rows(0, 4), *rows(12, 16), *rows(24, 28)]
+    in_bias = [] if kwargs.get("bias") is False else [("attn.in_proj_bias", 0, head0)]
+    assert groups(a) == [
+        (E, [("embed.weight", 0, [0]), ("embed.bias", 0, [0]), ("attn.in_proj_weight", 1, [0])]),
+        # head 0 (head_dim E / H = 4): its rows of q, k and v in the packed projection, its out_proj columns
+        (H, [("attn.in_proj_weight", 0, head0), *in_bias, ("attn.out_proj.weight", 1, rows(0, 4))]),
+        (E, [("attn.out_proj.weight", 0, [0]), *bias, ("head.weight", 1, [0])]),
+    ]
+    assert {("attn.in_proj_weight", 0), ("attn.out_proj.weight", 1)} <= pinned_members(a, "head_dim")
+
+
+def test_pruned_multihead_attention_is_replaced_and_equals_its_simulation() -> None:
+    torch.manual_seed(0)
+    model = WithMHA(add_bias_kv=True, add_zero_attn=True).eval()
+    a = analyze(model, X)
+    pruned, _ = check_plan(model, (X,), Plan.from_keep(a, {0: [0, 5, 7], 1: [2], 2: [1, 2, 3, 11]}))
+    attn = pruned.attn
+    assert type(pruned) is WithMHA and isinstance(attn, PrunedMultiheadAttention)
+    assert (attn.embed_dim, attn.num_heads, attn.head_dim, attn.out_proj.out_features) == (3, 1, HD, 4)
+    assert attn.bias_k.shape == (1, 1, HD) and model.attn.num_heads == H
+    again = analyze(pruned, X)  # a pruned model is analyzed like the original (one head left: no group)
+    assert [g.size for g in again.groups] == [3, 4]
+
+
+def test_averaged_attention_weights_that_are_used_pin_the_heads() -> None:
+    class Averaged(WithMHA):
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.embed(x)
+            y, w = self.attn(h, h, h)
+            return self.head(y) * w.mean()
+
+    a = analyze(Averaged(), X)
+    assert [g.size for g in a.groups] == [E, E]
+    assert ("attn.out_proj.weight", 1) in pinned_members(a, "averaged over heads")
 
 
 class CrossMHA(nn.Module):
@@ -308,7 +342,9 @@ def test_multihead_attention_with_separate_key_and_value_widths() -> None:
         (10, [("value.weight", 0, [0]), ("value.bias", 0, [0]), ("attn.v_proj_weight", 1, [0])]),
         (E, [("attn.out_proj.weight", 0, [0]), ("attn.out_proj.bias", 0, [0]), ("head.weight", 1, [0])]),
     ]
-    assert {("attn.bias_k", 2), ("attn.bias_v", 2), ("attn.q_proj_weight", 0)} <= pinned_members(a, "heads")
+    # the per-head weights are a model output and attn_mask (N * heads, L, S) an input: heads stay
+    assert {("attn.bias_k", 2), ("attn.bias_v", 2), ("attn.q_proj_weight", 0)} <= pinned_members(a, "model input")
+    assert {("attn.bias_k", 2), ("attn.q_proj_weight", 0)} <= pinned_members(a, "head_dim")
 
 
 def test_multihead_attention_without_weights_returns_none() -> None:
@@ -322,7 +358,7 @@ def test_multihead_attention_without_weights_returns_none() -> None:
             return self.head(y), w
 
     a = analyze(NoWeights(), X)
-    assert [g.size for g in a.groups] == [E]
+    assert [g.size for g in a.groups] == [H, E]  # the heads, the output width (x is the model's input)
 
 
 # -- matrix products and einsum ---------------------------------------------------------------

@@ -44,10 +44,9 @@ SLICE: dict[str, tuple[dict[str, Any], int, int | None, str]] = {
     # 18 blocks' MLP hidden widths (4 x dim) + 4 stage streams (patchify/downsample conv rows,
     # depthwise conv, LayerNorms, fc2 rows, layer scale, read by the next downsample or the head)
     "convnext_tiny": ({}, 224, 22, "classifier.2"),
-    # the 12 MLP widths (3072) only: nn.MultiheadAttention requires the query's width to be its
-    # embed_dim and derives heads and head_dim from it, so the residual stream (768), the heads
-    # and both head_dims are pinned (see test_vit_heads_are_pinned_together)
-    "vit_b_16": ({}, 224, 12, "heads.head"),
+    # the residual stream (768) + per layer its 12 heads and its MLP width (3072): 1 + 12 x 2
+    # (head_dim stays whole; see test_vit_heads_per_layer_and_one_residual_stream)
+    "vit_b_16": ({}, 224, 25, "heads.head"),
     # 14 blocks x 4 (whole conv groups of the grouped 3x3, inputs and outputs per group, SE
     # squeeze width) + 4 stage streams + the stem = 56 + 4 + 1
     "regnet_y_800mf": ({}, 224, 61, "fc"),
@@ -88,18 +87,12 @@ def test_group_count(name: str) -> None:
     assert len(_analysis(name).groups) == SLICE[name][2]
 
 
-PINNED_FEATURES = {"vit_b_16": "nn.MultiheadAttention requires the query's width to equal its embed_dim"}
-"""Models whose classifier reads a pinned axis, with the reason."""
-
-
 @pytest.mark.parametrize("name", list(SLICE))
 def test_the_class_axis_is_pinned_and_the_classifier_reads_a_group(name: str) -> None:
     a, classifier = _analysis(name), SLICE[name][3]
     members = {(m.name, m.dim) for g in a.groups for m in g.members}
     assert (f"{classifier}.weight", 0) not in members and (f"{classifier}.bias", 0) not in members
-    assert ((f"{classifier}.weight", 1) in members) == (name not in PINNED_FEATURES)
-    if name in PINNED_FEATURES:
-        assert _pin_reasons(a, f"{classifier}.weight", 1) == [PINNED_FEATURES[name]]
+    assert (f"{classifier}.weight", 1) in members
     assert _pin_reasons(a, f"{classifier}.weight", 0) == ["axis of a model output"]
 
 
@@ -130,18 +123,25 @@ def test_resnext_block_has_three_grouped_conv_groups() -> None:
     assert conv2 == [[[0, 1, 2, 3]], [[0]], [list(range(0, 128, 4))]]
 
 
-def test_vit_heads_are_pinned_together() -> None:
+def test_vit_heads_per_layer_and_one_residual_stream() -> None:
     a = _analysis("vit_b_16")
-    for i in range(12):
-        attn = f"encoder.layers.encoder_layer_{i}.self_attention"
-        # one atom of 12 heads spans q, k and v of the packed projection and out_proj's columns
-        heads = [p for p in a.pinned if p.size == 12 and any(n.startswith(f"{attn}.") for n, _ in p.members)]
-        assert [(p.reason, p.members) for p in heads] == [(
-            "nn.MultiheadAttention derives its heads and head_dim from embed_dim (the query's width)",
-            ((f"{attn}.in_proj_weight", 0), (f"{attn}.in_proj_bias", 0), (f"{attn}.out_proj.weight", 1)),
-        )]
-    mlp = [f"encoder.layers.encoder_layer_{i}.mlp" for i in range(12)]
-    assert [g.layers for g in a.groups] == [[f"{m}.0", f"{m}.3"] for m in mlp]
+    layers = [f"encoder.layers.encoder_layer_{i}" for i in range(12)]
+    stream = {(m.name, m.dim) for m in a.groups[0].members}
+    assert a.groups[0].size == 768
+    assert {("conv_proj.weight", 0), ("class_token", 2), ("encoder.pos_embedding", 2), ("encoder.ln.weight", 0),
+            ("heads.head.weight", 1)} <= stream
+    for layer in layers:  # the query width of the packed projection, the rows written into the stream
+        assert {(f"{layer}.self_attention.in_proj_weight", 1), (f"{layer}.self_attention.out_proj.weight", 0),
+                (f"{layer}.mlp.3.weight", 0), (f"{layer}.ln_1.weight", 0)} <= stream
+    # head h: rows h*64 .. h*64+63 of q, of k and of v in the packed projection, out_proj's columns
+    head = [i for part in (0, 768, 1536) for i in range(part, part + 64)]
+    attn = [f"{layer}.self_attention" for layer in layers]
+    assert [(g.size, [(m.name, m.dim, m.indices([0]).tolist()) for m in g.members]) for g in a.groups[1::2]] == [
+        (12, [(f"{x}.in_proj_weight", 0, head), (f"{x}.in_proj_bias", 0, head),
+              (f"{x}.out_proj.weight", 1, list(range(64)))]) for x in attn]
+    assert [g.layers for g in a.groups[2::2]] == [[f"{layer}.mlp.0", f"{layer}.mlp.3"] for layer in layers]
+    assert {p.reason for p in a.pinned if (f"{attn[0]}.out_proj.weight", 1) in p.members} == {
+        "head_dim of nn.MultiheadAttention (its attention scale reads it)"}
 
 
 def test_shufflenet_groups() -> None:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..dims import ONE, Concat, Expr, Product
+from ..mha import PrunedMultiheadAttention
 from .context import Axes, Context, arg
 
 __all__ = ["RULES"]
@@ -24,8 +25,8 @@ __all__ = ["RULES"]
 BROADCAST = "size made by broadcasting"
 GQA_REPEAT = "query heads per key/value head in grouped-query attention"
 CAUSAL = "positions related by a causal mask"
-MHA_WIDTH = "nn.MultiheadAttention requires the query's width to equal its embed_dim"
-MHA_HEADS = "nn.MultiheadAttention derives its heads and head_dim from embed_dim (the query's width)"
+MHA_HEAD_DIM = "head_dim of nn.MultiheadAttention (its attention scale reads it)"
+MHA_AVERAGED = "heads of nn.MultiheadAttention whose attention weights are averaged over heads and used"
 MHA_EXTRA = "key positions added by bias_k or add_zero_attn"
 
 
@@ -203,32 +204,32 @@ def _mha_masks(cx: Context, node: fx.Node, batch: Expr | None, heads: Expr, seq:
 
 
 def multihead_attention(cx: Context, node: fx.Node) -> Axes:
-    """nn.MultiheadAttention -> [attn_output, attn_weights or None].
+    """nn.MultiheadAttention (and PrunedMultiheadAttention) -> [attn_output, attn_weights or None].
 
     The projections are written out: in_proj_weight[0] (or q/k/v_proj_weight[0]) is
     Concat(q, k, v) with q = k = Product(heads, head_dim) (q·kᵀ contracts head_dim) and
     v = Product(heads, v_head_dim) = out_proj.weight[1]; in_proj_bias, bias_k and bias_v
-    follow; out_proj.weight[0] = out_proj.bias[0] is the output width.
+    follow; out_proj.weight[0] = out_proj.bias[0] is the output width; the query, key and
+    value widths are the projections' columns.
 
-    What may be pruned follows from the forward, not only from the algebra. It asserts
-    that the query's width equals ``embed_dim``, splits the packed projection by that
-    width and reshapes to ``num_heads`` heads of ``embed_dim // num_heads``. So the query
-    width (in_proj_weight[1]), the heads and both head_dims are pinned: none can shrink
-    without the query width shrinking by the same count, and that is a different index
-    space. Prunable: the output width (out_proj's rows; forward reads the size of
-    out_proj's result) and, with separate ``kdim``/``vdim``, the key and value widths
-    (k_proj_weight[1], v_proj_weight[1]; checked against the inputs, not attributes).
+    nn.MultiheadAttention's own forward ties the query width, ``num_heads * head_dim`` and
+    ``embed_dim // num_heads`` together; pruning replaces it by
+    :class:`passes.mha.PrunedMultiheadAttention` (same arithmetic, sizes read from the
+    projections), so the query width and the heads are prunable. head_dim stays pinned
+    (the scale ``1 / sqrt(head_dim)`` is the module's), and so do the heads when the
+    attention weights are averaged over heads and then used.
     """
     m = cx.module(node)
-    assert isinstance(m, nn.MultiheadAttention)
     inputs = [cx.of(arg(node, i, n)) for i, n in enumerate(("query", "key", "value"))]
-    heads = cx.new(m.num_heads, MHA_HEADS)
-    head_dim, v_head_dim = cx.new(m.head_dim, MHA_HEADS), cx.new(m.head_dim, MHA_HEADS)
+    averaged = arg(node, 4, "need_weights", True) and arg(node, 6, "average_attn_weights", True)
+    used = any(u.target is operator.getitem and u.args[1] == 1 and u.users for u in node.users)
+    heads = cx.new(m.num_heads, MHA_AVERAGED if averaged and used else None)
+    v_width = getattr(m, "v_head_dim", m.head_dim)
+    head_dim, v_head_dim = cx.new(m.head_dim, MHA_HEAD_DIM), cx.new(v_width, MHA_HEAD_DIM)
     projected: tuple[Expr, Expr, Expr] = (
         Product((heads, head_dim)), Product((heads, head_dim)), Product((heads, v_head_dim))
     )
     _mha_projections(cx, node, inputs, projected)
-    cx.u.pin(inputs[0][-1], MHA_WIDTH)
     (batch, tgt), (k_batch, src), (v_batch, v_src) = (_seq_batch(x, m.batch_first) for x in inputs)
     cx.unify(src, v_src)
     if batch is not None and k_batch is not None and v_batch is not None:
@@ -258,4 +259,5 @@ RULES.update({
     torch.einsum: einsum,
     F.scaled_dot_product_attention: scaled_dot_product_attention,
     nn.MultiheadAttention: multihead_attention,
+    PrunedMultiheadAttention: multihead_attention,
 })
