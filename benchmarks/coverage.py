@@ -12,6 +12,7 @@ Run::
     python benchmarks/coverage.py --no-tp               # without the Torch-Pruning columns
     python benchmarks/coverage.py --models resnet18,vit_b_16   # a subset, printed only
     python benchmarks/coverage.py --models resnet18 --out /tmp/cov.md
+    python benchmarks/coverage.py --models vit_b_16 --update   # re-run rows of results/coverage.md
 
 Analysis columns: each model is built with ``weights=None`` in eval mode on the ``meta``
 device (on the CPU, then moved to meta, when its init cannot run on meta), with a
@@ -340,8 +341,23 @@ def receive(receiver: Connection, proc: multiprocessing.Process, timeout: float)
         return f"worker process died (exit code {proc.exitcode}; out of memory?)"
 
 
-def report(rows: list[Row], equivalence: bool, with_tp: bool) -> str:
-    """The markdown page: environment, table, summary lines."""
+def read_rows(path: Path) -> tuple[str, list[Row]]:
+    """The environment line and the rows of a page :func:`report` wrote."""
+    lines = path.read_text().splitlines()
+    env = next(line for line in lines if line.startswith("Run "))
+    rows = []
+    for line in lines[lines.index("| " + " | ".join(HEADER) + " |") + 2:]:
+        if not line.startswith("| "):
+            break
+        cells = line[2:-2].split(" | ")
+        row = Row(*cells[:3], cells[3] == "yes", *cells[4:14])  # type: ignore[arg-type]
+        row.tp = TPCells(*cells[14:])
+        rows.append(row)
+    return env, rows
+
+
+def report(rows: list[Row], equivalence: bool, with_tp: bool, env: str | None = None) -> str:
+    """The markdown page: environment (``env``, or this run's), table, summary lines."""
     n = len(rows)
     done = sum(r.analyzed for r in rows)
     traced = sum(r.traced == "yes" for r in rows)
@@ -363,7 +379,7 @@ def report(rows: list[Row], equivalence: bool, with_tp: bool) -> str:
                   f"and ran forward.")]
     return "\n\n".join([
         "# depgraph and Torch-Pruning coverage: torchvision classification models",
-        environment(),
+        env or environment(),
         markdown_table(HEADER, [r.cells() for r in rows]),
         *lines,
     ])
@@ -383,6 +399,8 @@ def main() -> None:
     parser.add_argument("--no-tp", action="store_true", help="without the Torch-Pruning columns")
     parser.add_argument("--out", type=Path, help="markdown file to write (default: results/coverage.md "
                         "for a full run, none for a subset)")
+    parser.add_argument("--update", action="store_true", help="re-run the --models and replace their rows in "
+                        "results/coverage.md (the page then says which rows were re-run, and when)")
     parser.add_argument("--family", choices=("classification", *FAMILIES, "all"), default="classification",
                         help="which sweep to run (the others are their own scripts; options apply to this one)")
     args = parser.parse_args()
@@ -398,6 +416,12 @@ def main() -> None:
         rows.append(isolated(name, not args.no_equivalence, not args.no_tp))
         print(" | ".join(str(c) for c in rows[-1].cells()), flush=True)
     text = report(rows, not args.no_equivalence, not args.no_tp)
+    if args.update:
+        env, old = read_rows(RESULTS / "coverage.md")
+        fresh = {r.model: r for r in rows}
+        text = report([fresh.get(r.model, r) for r in old], True, True, env) + (
+            f"\n\nRows re-run after the run above: {', '.join(fresh)}. " + environment())
+        args.out = RESULTS / "coverage.md"
     print(text)
     out = args.out or (None if args.models else RESULTS / "coverage.md")
     if out:
