@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import datetime
 import gc
+import multiprocessing
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -123,3 +125,31 @@ def tp_magnitude_prune(model: "torch.nn.Module", x: "torch.Tensor", ratio: float
     if isinstance(model, torchvision.models.VisionTransformer):
         model.hidden_dim = model.conv_proj.out_channels  # read by its forward's reshape
     return model
+
+
+def receive(receiver: Connection, proc: multiprocessing.Process, timeout: float) -> Any:
+    """The next message from ``proc``, or why none came within ``timeout`` seconds (a string)."""
+    try:
+        return receiver.recv() if receiver.poll(timeout) else f"timed out after {timeout:.0f} s"
+    except EOFError:
+        proc.join()
+        return f"worker process died (exit code {proc.exitcode}; out of memory?)"
+
+
+def in_fork(target: Callable[..., None], args: tuple[Any, ...], timeouts: Sequence[float]) -> list[Any]:
+    """Run ``target(connection, *args)`` in a forked process and collect one message per entry
+    of ``timeouts``, each within its seconds; one that does not come is replaced by the reason
+    (a string) and ends the collection. The process is then killed (its memory returns)."""
+    ctx = multiprocessing.get_context("fork")
+    receiver, sender = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=target, args=(sender, *args))
+    proc.start()
+    sender.close()
+    messages: list[Any] = []
+    for timeout in timeouts:
+        messages.append(receive(receiver, proc, timeout))
+        if isinstance(messages[-1], str):
+            break
+    proc.kill()
+    proc.join()
+    return messages

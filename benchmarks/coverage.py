@@ -62,15 +62,16 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import math
-import multiprocessing
 import subprocess
 import sys
 import time
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch_pruning as tp
@@ -82,6 +83,7 @@ from _util import (
     environment,
     first_line,
     image_input,
+    in_fork,
     markdown_table,
     tp_magnitude_prune,
     write,
@@ -314,31 +316,19 @@ def worker(conn: Connection, name: str, equivalence: bool, with_tp: bool) -> Non
     conn.close()
 
 
-def isolated(name: str, equivalence: bool, with_tp: bool) -> Row:
-    """Run :func:`worker` for ``name`` in a forked process; a crash or a timeout becomes an error cell."""
-    ctx = multiprocessing.get_context("fork")
-    receiver, sender = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=worker, args=(sender, name, equivalence, with_tp))
-    proc.start()
-    sender.close()
-    row = receive(receiver, proc, TIMEOUT_S)
-    if not isinstance(row, Row):
-        row = Row(name, error=row)
-    elif with_tp:
-        cells = receive(receiver, proc, TP_TIMEOUT_S)
-        row.tp = cells if isinstance(cells, TPCells) else TPCells(error=cells)
-    proc.kill()
-    proc.join()
+def isolated(
+    name: str, equivalence: bool, with_tp: bool, work: Callable[..., None] | None = None, row_type: type = Row,
+    timeouts: tuple[float, float] = (TIMEOUT_S, TP_TIMEOUT_S),
+) -> Any:
+    """Run ``work`` (:func:`worker`) for ``name`` in a forked process: it sends a ``row_type``,
+    then (``with_tp``) TPCells, each within its timeout; a crash or a timeout becomes an error cell."""
+    messages = in_fork(work or worker, (name, equivalence, with_tp), timeouts[: 1 + with_tp])
+    if not isinstance(messages[0], row_type):
+        return row_type(name, error=messages[0])
+    row = messages[0]
+    if with_tp:
+        row.tp = messages[1] if isinstance(messages[1], TPCells) else TPCells(error=messages[1])
     return row
-
-
-def receive(receiver: Connection, proc: multiprocessing.Process, timeout: float) -> Row | TPCells | str:
-    """The next message from ``proc``, or why none came within ``timeout`` seconds."""
-    try:
-        return receiver.recv() if receiver.poll(timeout) else f"timed out after {timeout:.0f} s"
-    except EOFError:
-        proc.join()
-        return f"worker process died (exit code {proc.exitcode}; out of memory?)"
 
 
 def read_rows(path: Path) -> tuple[str, list[Row]]:

@@ -48,8 +48,8 @@ def prune(model: nn.Module, plan: Plan, inplace: bool = False) -> nn.Module:
     changed = shrink(analysis.graph, analysis.params, analysis.nodes, removed, root=target)
     if analysis.tracer in ("export", "record"):
         # the graph calls no modules: set their attributes from its ops, keep the class if it runs alike
-        sizes = Sizes(removed)
-        return adopt(target, analysis.graph, analysis.params, analysis.nodes, sizes, (plan.inputs, plan.keywords))
+        inputs, recorded = (plan.inputs, plan.keywords), analysis.tracer == "record"
+        return adopt(target, analysis.graph, analysis.params, analysis.nodes, Sizes(removed), inputs, recorded)
     return analysis.graph if changed else target
 
 

@@ -60,15 +60,18 @@ def adopt(
     nodes: dict[str, Any],
     sizes: Sizes,
     inputs: tuple[tuple[Any, ...], dict[str, Any]],
+    recorded: bool = False,
 ) -> nn.Module:
     """``root`` if, its attributes updated, it computes what ``gm`` computes on ``inputs``; else ``gm``.
+
+    ``recorded``: ``gm`` comes from the recording tracer (see :func:`_same_outputs`).
 
     ``inputs`` are ``(args, kwargs)``; a :class:`TensorMeta` among them becomes a tensor
     (random normal for floating dtypes, ones otherwise) on the model's device. On the
     ``meta`` device only output shapes can be compared.
     """
     update_attributes(root, gm, params, nodes, sizes)
-    if not _same_outputs(root, gm, inputs):
+    if not _same_outputs(root, gm, inputs, recorded):
         return gm
     for name, model, differ in _undescribed(root):
         warnings.warn(
@@ -218,26 +221,82 @@ def _undescribed(root: nn.Module) -> Iterator[tuple[str, nn.Module, list[str]]]:
             yield name, model, differ
 
 
-def _same_outputs(root: nn.Module, gm: fx.GraphModule, inputs: tuple[tuple[Any, ...], dict[str, Any]]) -> bool:
-    """Whether ``root`` and ``gm`` give the same outputs on ``inputs`` (with the same random
-    seed, and the buffers as they were before: a training-mode batch norm updates them)."""
+def _same_outputs(
+    root: nn.Module, gm: fx.GraphModule, inputs: tuple[tuple[Any, ...], dict[str, Any]], recorded: bool
+) -> bool:
+    """Whether ``root`` computes what ``gm`` computes on ``inputs`` (same random seed; the
+    buffers are restored afterwards, as a training-mode batch norm updates them).
+
+    A ``recorded`` graph is specialized to the values of the run it recorded (the boxes a
+    detector kept): once pruned weights choose others it may stop with an error. Then the
+    model agrees when its own forward runs and every module the graph reached before it
+    stopped gives the value of the graph's op that reads its weight."""
     device = next((t.device for t in (*root.parameters(), *root.buffers())), torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
     args, kwargs = tree_map(lambda x: _example(x, device, gen), inputs)
     state = {id(t): (t, t.detach().clone()) for t in (*root.buffers(), *gm.buffers())}
-    outputs = []
     try:
-        for module in (gm, root):
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                outputs.append(module(*args, **kwargs))
+        graph, values, finished = _run_graph(gm, args, kwargs, recorded)
+        own, outputs = _run_model(root, args, kwargs)
     except Exception:  # noqa: BLE001 -- a forward that cannot run with the new sizes means: keep the graph
         return False
     finally:
         with torch.no_grad():
             for tensor, saved in state.values():
                 tensor.copy_(saved)
-    return _close(*outputs)
+    if finished:
+        return _close(tree_flatten(graph)[0], tree_flatten(own)[0])
+    users = _first_users(gm)
+    pairs = [(values[node.name], outputs[name]) for name, module in root.named_modules()
+             for node in [next((users[f"{name}.{p}"] for p, _ in module.named_parameters(recurse=False)
+                                if f"{name}.{p}" in users), None)]
+             if node is not None and node.name in values and name in outputs]
+    return bool(pairs) and all(_close(_first(a), _first(b)) for a, b in pairs)
+
+
+def _run_graph(gm: fx.GraphModule, args: Any, kwargs: Any, recorded: bool) -> tuple[Any, dict[str, Any], bool]:
+    """``gm``'s output, the value of every node it computed, and whether it finished (only a
+    ``recorded`` graph may stop early; anything else raises)."""
+    values: dict[str, Any] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            values[n.name] = super().run_node(n)
+            return values[n.name]
+
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if not recorded:
+            return gm(*args, **kwargs), values, True
+        try:
+            return Recorder(gm).run(*tree_flatten((tuple(args), kwargs))[0]), values, True
+        except Exception:  # noqa: BLE001 -- a recorded graph may not run again once pruned
+            return None, values, False
+
+
+def _run_model(root: nn.Module, args: Any, kwargs: Any) -> tuple[Any, dict[str, Any]]:
+    """``root``'s output and the first output of each module that holds parameters."""
+    outputs: dict[str, Any] = {}
+
+    def keep(name: str) -> Any:
+        def hook(_module: nn.Module, _args: Any, out: Any) -> None:  # returning a value would replace the output
+            outputs.setdefault(name, out)
+        return hook
+
+    hooks = [m.register_forward_hook(keep(name)) for name, m in root.named_modules()
+             if next(m.parameters(recurse=False), None) is not None]
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return root(*args, **kwargs), outputs
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _first(value: Any) -> Any:
+    """An op's or module's main output: the first of a tuple (batch norm's output, statistics)."""
+    return value[0] if isinstance(value, (tuple, list)) and value else value
 
 
 def _example(x: Any, device: torch.device, gen: torch.Generator) -> Any:
