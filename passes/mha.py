@@ -114,9 +114,8 @@ class PrunedMultiheadAttention(nn.Module):
             weights = torch.softmax(scores if attn_mask is None else scores + attn_mask, dim=-1)
             out = torch.bmm(F.dropout(weights, p=dropout) if dropout > 0 else weights, v)
             out = out.transpose(0, 1).reshape(length * batch, heads * self.v_head_dim)
-            returned: Tensor | None = weights.view(batch, heads, length, source)
-            if average_attn_weights:
-                returned = returned.mean(dim=1)
+            per_head = weights.view(batch, heads, length, source)
+            returned: Tensor | None = per_head.mean(dim=1) if average_attn_weights else per_head
         else:
             if attn_mask is not None:
                 one = attn_mask.shape[0] == 1
