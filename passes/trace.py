@@ -19,8 +19,12 @@ keep their fully qualified names, or raise :class:`TraceError` with the reason.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
-from collections.abc import Collection
+import logging
+import sys
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import torch
@@ -30,6 +34,9 @@ from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
 from .errors import TraceError
+
+SHAPE_LOGGER = "torch.fx.experimental.symbolic_shapes"
+"""The torch logger that warns, as export fails, about sizes it could not trace to user code."""
 
 __all__ = ["trace_export", "trace_fx", "trace_record"]
 
@@ -118,15 +125,22 @@ def trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     """
     device = _device(model)
     args, kwargs = _on_device((tuple(args), dict(kwargs or {})), device)
+    printed = io.StringIO()
     try:
-        if device is not None and device.type == "meta":
-            exported = _export_meta(model, args, kwargs)
-        else:
-            exported = torch.export.export(model, args, kwargs, strict=False)
+        with contextlib.redirect_stderr(printed), _quiet(SHAPE_LOGGER):
+            if device is not None and device.type == "meta":
+                exported = _export_meta(model, args, kwargs)
+            else:
+                exported = torch.export.export(model, args, kwargs, strict=False)
     except Exception as exc:  # export raises many types; all mean "cannot trace"
+        # export prints the graph it had traced so far (often megabytes) before raising: the
+        # reason is in the TraceError, and "auto" goes on to the next frontend
+        partial = getattr(exc, "partial_fx_graph", None)
+        sys.stderr.write(printed.getvalue().replace(f"{partial}\n", "") if partial else printed.getvalue())
         raise TraceError(
             f"torch.export could not trace {type(model).__name__}: {type(exc).__name__}: {_headline(exc)}"
         ) from exc
+    sys.stderr.write(printed.getvalue())
     gm = exported.module()
     if device is not None and device.type == "meta":
         for name, t in (*model.named_parameters(), *model.named_buffers()):
@@ -256,6 +270,19 @@ def _set_tensor(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:
         holder._parameters[attr] = value  # type: ignore[assignment]
     elif attr in holder._buffers:
         holder._buffers[attr] = value
+
+
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """``logger`` logs errors only, for the duration (export warns about the sizes it could not
+    relate to user code just before it fails; the failure is reported with its reason)."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _device(model: nn.Module) -> torch.device | None:

@@ -174,6 +174,12 @@ def test_auto_records_what_fx_and_export_cannot_trace_for_the_branch_taken() -> 
         ["torch.fx", "could", "not"], ["torch.export", "could", "not"], ["the", "recording", "tracer"]]
 
 
+def test_a_frontend_that_fails_prints_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+    # torch.export prints the graph it traced so far before raising; auto goes on to record
+    depgraph.analyze(ValueGate(), torch.ones(2, 4))
+    assert capsys.readouterr().err == ""
+
+
 class _L2Norm(nn.Module):
     """SSD's VGG feature scaling: channels normalized to unit L2 norm, then scaled."""
 
