@@ -94,6 +94,7 @@ def update_attributes(
     for name, module in root.named_modules():
         for attr, kind in HEAD_ATTRIBUTES.items():
             _assign(module, attr, heads.get((name, kind), []))
+        _assign_repeats(module, heads.get((name, "heads"), []))
         prefix = f"{name}." if name else ""
         own = [(e.size, sizes.size(e)) for p, axes in params.items() if p.startswith(prefix) for e in axes]
         for attr in WIDTH_ATTRIBUTES:
@@ -186,6 +187,18 @@ def _assign(holder: Any, attr: str, pairs: list[tuple[int, int]]) -> None:
     after = {new for old, new in pairs if old == value}
     if len(after) == 1:
         setattr(holder, attr, after.pop())
+
+
+def _assign_repeats(module: nn.Module, heads: list[tuple[int, int]]) -> None:
+    """``num_key_value_groups`` (query heads per key/value head) from the module's query and
+    key/value head counts before and after, when they say one thing."""
+    repeats = getattr(module, "num_key_value_groups", None)
+    if not isinstance(repeats, int) or isinstance(repeats, bool):
+        return
+    after = {q_new // kv_new for q, q_new in set(heads) for kv, kv_new in set(heads)
+             if q == repeats * kv and kv_new and q_new % kv_new == 0}
+    if len(after) == 1:
+        module.num_key_value_groups = after.pop()
 
 
 def _configs(root: nn.Module) -> Iterator[Any]:

@@ -62,14 +62,16 @@ def _llama() -> nn.Module:
 def test_pruned_llama_keeps_its_class_and_a_config_that_rebuilds_it() -> None:
     model = _llama()
     a = depgraph.analyze(model, {"input_ids": torch.ones(1, 8, dtype=torch.long), "use_cache": False})
-    keep = _halves(a, skip=8)  # hidden 32 -> 16, one of two kv heads per layer, MLP 48 -> 24
+    # hidden 32 -> 16, one of two kv heads per layer and one of its two query heads, MLP 48 -> 24
+    keep = _halves(a, skip=8)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the config describes the pruned model: no warning
         pruned = depgraph.prune(model, Plan.from_keep(a, keep))
     assert type(pruned) is type(model)
     c = pruned.config
     assert (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size) == (
-        16, 2, 1, 8, 24)
+        16, 1, 1, 8, 24)
+    assert pruned.model.layers[0].self_attn.num_key_value_groups == 1
     assert model.config.num_attention_heads == 4  # the caller's model and config are unchanged
     rebuilt = type(model)._from_config(c)
     rebuilt.load_state_dict(pruned.state_dict())  # strict: every shape matches

@@ -12,7 +12,8 @@ each key/value head serves ``rep = 2`` query heads; MLP intermediate 48):
   (rotate-half), and Hugging Face computes cos/sin under ``torch.no_grad()``, which export
   keeps as a subgraph no rule relates. When cos/sin are computed in the graph, the pairs
   form a group with the rotary frequency buffer (:class:`Rotary`);
-- the query heads within a kv head (``rep``) are pinned: repeat_kv expands them;
+- the query heads within a kv head (``rep``) are a group too: repeat_kv expands k and v
+  to ``rep`` copies, and fewer copies (query head r of every kv head gone) is a prune;
 - the MLP intermediate is a group per layer (gate and up rows, down columns);
 - the hidden stream is one group; logits' vocab axis (lm_head rows) is pinned.
 """
@@ -125,14 +126,17 @@ def test_llama_groups_kv_heads_head_dim_mlp_and_hidden_stream() -> None:
     # subgraph: q/k head_dim is pinned. 5.x computes them in the graph: the rotate-half pairs
     # (slot i with slot i + hd/2, shared by every layer through inv_freq) form one more group.
     pairs = [4] if ROTARY_IN_GRAPH else []
-    assert [g.size for g in a.groups] == [32, *pairs, 2, 8, 48, 2, 8, 48]
+    assert [g.size for g in a.groups] == [32, *pairs, 2, 2, 8, 48, 2, 2, 8, 48]
     layer = "model.model.layers.0"
     attn, mlp = f"{layer}.self_attn", f"{layer}.mlp"
     first = 1 + len(pairs)
-    assert _groups(a)[first : first + 3] == [
+    first_of_rep = [*range(8), *range(16, 24)]
+    assert _groups(a)[first : first + 4] == [
         # kv head 0: k/v rows 0-7, the rows of query heads 0 and 1 (rep = 2), their o_proj columns
         (2, [(f"{attn}.q_proj.weight", 0, list(range(16))), (f"{attn}.k_proj.weight", 0, list(range(8))),
              (f"{attn}.v_proj.weight", 0, list(range(8))), (f"{attn}.o_proj.weight", 1, list(range(16)))]),
+        # repeat slot 0: query heads 0 and 2, the first of each kv head's two
+        (2, [(f"{attn}.q_proj.weight", 0, first_of_rep), (f"{attn}.o_proj.weight", 1, first_of_rep)]),
         # v's head_dim slot 0: in both kv heads of v_proj, in all four query heads of o_proj
         (8, [(f"{attn}.v_proj.weight", 0, [0, 8]), (f"{attn}.o_proj.weight", 1, [0, 8, 16, 24])]),
         (48, [(f"{mlp}.gate_proj.weight", 0, [0]), (f"{mlp}.up_proj.weight", 0, [0]),
@@ -155,8 +159,10 @@ def test_phi3_fused_qkv_and_gate_up_split_like_llama() -> None:
     a = depgraph.analyze(_build("phi3"), _inputs("phi3"), tracer="export")
     attn, mlp = "model.model.layers.0.self_attn", "model.model.layers.0.mlp"
     q, k, v = list(range(16)), list(range(32, 40)), list(range(48, 56))  # qkv rows: q 0-31, k 32-47, v 48-63
-    assert _groups(a)[1:4] == [
+    first_of_rep = [*range(8), *range(16, 24)]
+    assert _groups(a)[1:5] == [
         (2, [(f"{attn}.qkv_proj.weight", 0, q + k + v), (f"{attn}.o_proj.weight", 1, list(range(16)))]),
+        (2, [(f"{attn}.qkv_proj.weight", 0, first_of_rep), (f"{attn}.o_proj.weight", 1, first_of_rep)]),
         (8, [(f"{attn}.qkv_proj.weight", 0, [48, 56]), (f"{attn}.o_proj.weight", 1, [0, 8, 16, 24])]),
         (48, [(f"{mlp}.gate_up_proj.weight", 0, [0, 48]), (f"{mlp}.down_proj.weight", 1, [0])]),
     ]
@@ -266,5 +272,5 @@ def test_a_llama_built_on_the_meta_device_has_the_groups_of_a_real_one() -> None
         return [(g.size, [(m.name, m.dim, m.indices([0]).tolist()) for m in g.members]) for g in a.groups]
 
     expected = groups(real, ids)
-    assert len(expected) == (8 if ROTARY_IN_GRAPH else 7) and groups(meta, ids.to("meta")) == expected
+    assert len(expected) == (10 if ROTARY_IN_GRAPH else 9) and groups(meta, ids.to("meta")) == expected
     assert all(p.is_meta for p in meta.parameters())

@@ -194,10 +194,14 @@ class GroupedQuery(nn.Module):
         return t[:, :, None].expand(b, KVH, QH // KVH, n, GHD).reshape(b, QH, n, GHD)
 
 
-# Query heads = Product(kv_heads, repeat) with the repeat pinned (repeat_interleave and
-# expand+reshape both put the copies after the kv head), so a kv-head unit removes its
-# 4 query heads: 4 * 2 = 8 consecutive rows of q and 8 columns of o. head_dim groups are
-# as in plain attention (q·k contracts it; v's reaches o through the merge).
+# Query heads = Product(kv_heads, repeat) (repeat_interleave and expand+reshape both put the
+# copies after the kv head), so a kv-head unit removes its 4 query heads: 4 * 2 = 8
+# consecutive rows of q and 8 columns of o. With expand or SDPA's enable_gqa the repeat is a
+# group too (fewer copies; shrink rewrites expand's literal, the kernel reads the shapes):
+# its unit r is query head r of every kv head. repeat_interleave keeps it pinned (its count
+# is an argument no rewrite changes). head_dim groups are as in plain attention (q·k
+# contracts it; v's reaches o through the merge).
+REPEAT_GROUP = (4, [("q.weight", 0, [0, 1, 8, 9]), ("q.bias", 0, [0, 1, 8, 9]), ("o.weight", 1, [0, 1, 8, 9])])
 GQA_GROUPS = [
     (2, [
         ("q.weight", 0, rows(0, 8)), ("q.bias", 0, rows(0, 8)),
@@ -214,7 +218,17 @@ GQA_GROUPS = [
 @pytest.mark.parametrize("repeat", ["repeat_interleave", "expand", "sdpa"])
 def test_grouped_query_attention_prunes_kv_heads_with_their_query_heads(repeat: str) -> None:
     a = analyze(GroupedQuery(repeat), X)
-    assert groups(a) == GQA_GROUPS
+    kv_heads, *head_dims = GQA_GROUPS
+    assert groups(a) == (GQA_GROUPS if repeat == "repeat_interleave" else [kv_heads, REPEAT_GROUP, *head_dims])
+
+
+@pytest.mark.parametrize("repeat", ["expand", "sdpa"])
+def test_grouped_query_attention_prunes_query_heads_within_every_kv_head(repeat: str) -> None:
+    torch.manual_seed(0)
+    model = GroupedQuery(repeat).eval()
+    a = analyze(model, X)
+    pruned, _ = check_plan(model, (X,), Plan.from_keep(a, {1: [1, 3]}))  # 2 of 4 query heads per kv head
+    assert pruned.q.out_features == 8 and pruned.k.out_features == KVH * GHD
 
 
 # -- fused qkv projections -------------------------------------------------------------------

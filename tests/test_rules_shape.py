@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from axes import assert_axes_match_shapes
+from equivalence import check_plan
 from oracle import Unverifiable, check_group
 from torch import Tensor, nn
 
@@ -26,7 +27,6 @@ from passes.rules.reduce import POOLED, SORTED
 from passes.rules.shape_ops import (
     ADVANCED,
     COMPUTED,
-    EXPANDED,
     INT_INDEX,
     LITERAL,
     PADDED,
@@ -109,11 +109,12 @@ def check(model: nn.Module, x: Tensor, expected: Groups, oracle: bool = True) ->
 # -- expand, repeat, tile, repeat_interleave --------------------------------------------------
 
 
-def test_expand_size_one_axis_is_pinned_copy_count() -> None:
-    # (2, 6, 1) -> (2, 6, 3) -> (2, 18) = Product(a, copies): unit 0 is b's columns 0..2
-    a = check(linear(lambda y: y[:, :, None].expand(-1, -1, 3).reshape(2, 18), b_in=18), X2,
-              [chain([0, 1, 2])])
-    assert [p.reason for p in a.pinned if p.members == (("b.weight", 1),)] == [EXPANDED]
+def test_expand_size_one_axis_makes_copies_that_are_a_group() -> None:
+    # (2, 6, 1) -> (2, 6, 3) -> (2, 18) = Product(a, copies): a's unit 0 is b's columns 0..2;
+    # copy 0 is b's columns 0, 3, ..., 15 (fewer copies: shrink rewrites expand's literal)
+    model = linear(lambda y: y[:, :, None].expand(-1, -1, 3).reshape(2, 18), b_in=18).eval()
+    a = check(model, X2, [chain([0, 1, 2]), (3, [("b.weight", 1, list(range(0, 18, 3)))])])
+    check_plan(model, (X2,), depgraph.Plan.from_keep(a, {0: [1, 4], 1: [0, 2]}))
 
 
 @pytest.mark.parametrize("op", [
@@ -124,11 +125,10 @@ def test_expand_keeps_axes_of_unchanged_size(op: Callable[[Tensor], Tensor]) -> 
     check(linear(op), X2, [chain([0])])
 
 
-def test_broadcast_to_pins_the_grown_axis() -> None:
-    # the grown axis (5) reaches b; a's axis is summed away, a prunable reduction
-    a = check(linear(lambda y: torch.broadcast_to(y[:, None], (2, 5, -1)).sum(-1), b_in=5), X2,
-              [(6, [("a.weight", 0, [0]), ("a.bias", 0, [0])])])
-    assert reason(a, "b.weight", 1) == EXPANDED
+def test_broadcast_to_grows_an_axis_of_copies() -> None:
+    # the grown axis (5 copies) reaches b's columns; a's axis is summed away, a prunable reduction
+    check(linear(lambda y: torch.broadcast_to(y[:, None], (2, 5, -1)).sum(-1), b_in=5), X2,
+          [(6, [("a.weight", 0, [0]), ("a.bias", 0, [0])]), (5, [("b.weight", 1, [0])])])
 
 
 def test_expand_as_ties_the_kept_axes_to_the_other_tensor() -> None:
@@ -147,6 +147,7 @@ def test_grouped_query_heads_expand_then_reshape() -> None:
         (2, [("a.weight", 0, [0, 1, 2, 3]), ("a.bias", 0, [0, 1, 2, 3]), ("b.weight", 1, list(range(12)))]),
         (4, [("a.weight", 0, [0, 4]), ("a.bias", 0, [0, 4]), ("b.weight", 1, [0, 4, 8, 12, 16, 20])]),
         (24, [("c.weight", 0, [0]), ("c.bias", 0, [0]), ("b.weight", 1, [24])]),
+        (3, [("b.weight", 1, [0, 1, 2, 3, 12, 13, 14, 15])]),  # copy 0 of both kv heads
     ])
 
 
@@ -449,13 +450,17 @@ def test_getitem_of_other_axes_keeps_the_group(op: Callable[[Tensor], Tensor]) -
     check(linear(op), X2, [chain([0])])
 
 
+def test_getitem_of_one_feature_pins_it_and_its_copies_are_a_group() -> None:
+    a = check(linear(lambda y: y[:, 0, None].expand(2, 6)), X2, [(6, [("b.weight", 1, [0])])])
+    assert reason(a, "a.weight", 0) == INT_INDEX
+
+
 @pytest.mark.parametrize("op, b_in, why", [
-    (lambda y: y[:, 0, None].expand(2, 6), 6, INT_INDEX),
     (lambda y: y[:, 1::2], 3, STEPPED),
     (lambda y: y[:, [0, 1]], 2, ADVANCED),
     (lambda y: y[:, y.size(1) // 2 :], 3, COMPUTED),
     (lambda y: y.narrow(1, 0, y.size(1) - 3), 3, COMPUTED),
-], ids=["int", "step", "list", "computed-bound", "narrow-computed"])
+], ids=["step", "list", "computed-bound", "narrow-computed"])
 def test_getitem_that_pins_the_feature_axis(op: Callable[[Tensor], Tensor], b_in: int, why: str) -> None:
     a = check(linear(op, b_in=b_in), X2, [])
     assert reason(a, "a.weight", 0) == why
@@ -504,7 +509,7 @@ def test_splits_are_concat_parts(
 
 
 def test_unbind_of_the_feature_axis_pins_it() -> None:
-    a = check(linear(lambda y: y.T.unbind(0)[0][:, None].expand(2, 6)), X2, [])
+    a = check(linear(lambda y: y.T.unbind(0)[0][:, None].expand(2, 6)), X2, [(6, [("b.weight", 1, [0])])])
     assert reason(a, "a.weight", 0) == INT_INDEX
 
 

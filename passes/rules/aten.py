@@ -197,7 +197,7 @@ def attention_kernel(cx: Context, node: fx.Node) -> Axes:
         if a.size == b.size:
             cx.unify(a, b)
         elif b.size > 1 and a.size % b.size == 0:
-            cx.unify(a, Product((b, cx.new(a.size // b.size, attention.GQA_REPEAT))))
+            cx.unify(a, Product((b, cx.new(a.size // b.size))))  # GQA: the kernel reads the repeat
     mask = _named(node, "attn_mask", _named(node, "attn_bias"))
     if cx.is_tensor(mask):
         attention._broadcast(cx, (*q[:-1], k[-2]), cx.of(mask))

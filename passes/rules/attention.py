@@ -23,7 +23,6 @@ from .context import Axes, Context, arg
 __all__ = ["RULES"]
 
 BROADCAST = "size made by broadcasting"
-GQA_REPEAT = "query heads per key/value head in grouped-query attention"
 CAUSAL = "positions related by a causal mask"
 MHA_HEAD_DIM = "head_dim of nn.MultiheadAttention (its attention scale reads it)"
 MHA_AVERAGED = "heads of nn.MultiheadAttention whose attention weights are averaged over heads and used"
@@ -128,11 +127,12 @@ def einsum(cx: Context, node: fx.Node) -> Axes:
 def _attention_batch(cx: Context, node: fx.Node, q: tuple[Expr, ...], k: tuple[Expr, ...],
                      v: tuple[Expr, ...]) -> tuple[Expr, ...]:
     """Batch axes of q, k, v broadcast; with ``enable_gqa`` and fewer key/value heads, each
-    query head axis is Product(key/value heads, repeat) with the repeat pinned."""
+    query head axis is Product(key/value heads, repeat): the kernel reads the repeat from
+    the shapes, so fewer query heads per key/value head is a prune."""
     if not (arg(node, 7, "enable_gqa", False) and len(q) > 2 and q[-3].size != k[-3].size):
         return _broadcast(cx, q[:-2], k[:-2], v[:-2])
     (kv_heads,) = _broadcast(cx, k[-3:-2], v[-3:-2])
-    cx.unify(q[-3], Product((kv_heads, cx.new(q[-3].size // kv_heads.size, GQA_REPEAT))))
+    cx.unify(q[-3], Product((kv_heads, cx.new(q[-3].size // kv_heads.size))))
     return (*_broadcast(cx, q[:-3], k[:-3], v[:-3]), q[-3])
 
 

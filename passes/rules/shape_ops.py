@@ -25,7 +25,6 @@ __all__ = ["RULES"]
 
 INT_INDEX = "selected by an integer index"
 STACKED = "axis created by stacking"
-EXPANDED = "axis created by expanding a size-1 or missing axis"
 REPEATED = "number of copies made by repeat, tile or repeat_interleave"
 SHUFFLED = "sub-pixel factor of a pixel shuffle"
 ADVANCED = "indexed by a tensor (advanced indexing)"
@@ -310,12 +309,15 @@ def _place_advanced(cx: Context, node: fx.Node, frame: list[Expr | None]) -> tup
 
 def expand(cx: Context, node: fx.Node) -> Axes:
     """expand/broadcast_to: an axis kept at its size stays; an axis grown from size 1 and
-    a new leading axis get fresh pinned atoms."""
+    a new leading axis get fresh atoms, their units identical copies. Unpinned: where
+    they meet a parameter (the query heads that share a key/value head in grouped-query
+    attention, ``k[:, :, None].expand(b, kv, rep, n, d)``), fewer copies is a prune, and
+    shrink rewrites the literal size."""
     x, shape, out = cx.of(node.args[0]), cx.shape(node.args[0]), cx.out(node).shape
     lead = len(out) - len(shape)
-    axes = list(cx.fresh(out[:lead], EXPANDED))
+    axes = list(cx.fresh(out[:lead]))
     for e, n, m in zip(x, shape, out[lead:], strict=True):
-        axes.append(e if n == m else cx.new(m, EXPANDED))
+        axes.append(e if n == m else cx.new(m))
     return tuple(axes)
 
 
