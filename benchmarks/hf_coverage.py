@@ -64,8 +64,8 @@ from typing import Any
 import torch
 import torch_pruning as tp
 import transformers
-from _util import RESULTS, environment, first_line, markdown_table, write
-from coverage import random_plan, receive, tp_version, unsupported_summary
+from _util import RESULTS, environment, first_line, markdown_table, receive, write
+from coverage import random_plan, tp_version, unsupported_summary
 from torch import Tensor, nn
 
 import depgraph
