@@ -147,6 +147,14 @@ def _update_config(config: Any, heads: dict[str, list], hidden: list[tuple[int, 
         _assign(config, attr, hidden)
     for attr in WIDTH_ATTRIBUTES:
         _assign(config, attr, every)
+    widths = {new for _, new in heads.get("head_dim", [])}
+    hidden_size, count = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    if getattr(config, "head_dim", None) is None and len(widths) == 1 and isinstance(hidden_size, int) and count:
+        # a config that derives head_dim as hidden_size // num_attention_heads (Mistral, Qwen2 in
+        # transformers 4): say it when the pruned sizes no longer give it
+        width = widths.pop()
+        if hidden_size // count != width:
+            config.head_dim = width
 
 
 def _first_users(gm: fx.GraphModule) -> dict[str, fx.Node]:

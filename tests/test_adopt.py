@@ -102,6 +102,10 @@ def test_every_hugging_face_model_keeps_its_class_when_head_dim_is_kept(name: st
     with torch.no_grad():
         got, want = pruned(**inputs), depgraph.simulate(model, plan)(**inputs)
     _close(getattr(got, field.field), getattr(want, field.field))
+    if name in ("llama", "qwen2", "mistral", "phi3"):  # configs with (or given) head_dim describe the sizes
+        with torch.device("meta"):
+            rebuilt = type(model)._from_config(pruned.config).state_dict()
+        assert {k: t.shape for k, t in rebuilt.items()} == {k: t.shape for k, t in pruned.state_dict().items()}
 
 
 def test_a_config_that_cannot_describe_the_pruned_model_gives_a_warning() -> None:
