@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from .dims import Expr
 from .meta import TensorMeta
-from .shrink import MODULE_UPDATES, Sizes
+from .shrink import MODULE_UPDATES, Sizes, replace_module
 
 __all__ = ["adopt", "update_attributes"]
 
@@ -95,10 +95,11 @@ def update_attributes(
         for attr, kind in HEAD_ATTRIBUTES.items():
             _assign(module, attr, heads.get((name, kind), []))
         _assign_repeats(module, heads.get((name, "heads"), []))
-        prefix = f"{name}." if name else ""
-        own = [(e.size, sizes.size(e)) for p, axes in params.items() if p.startswith(prefix) for e in axes]
         for attr in WIDTH_ATTRIBUTES:
-            _assign(module, attr, own)
+            if isinstance(getattr(module, attr, None), int):  # only then: all parameters are scanned
+                prefix = f"{name}." if name else ""
+                _assign(module, attr, [(e.size, sizes.size(e)) for p, axes in params.items()
+                                       if p.startswith(prefix) for e in axes])
         for attr in HIDDEN_ATTRIBUTES:
             _assign(module, attr, hidden)
     everywhere: dict[str, list[tuple[int, int]]] = {}
@@ -123,17 +124,14 @@ def _hidden_pairs(root: nn.Module, params: dict[str, tuple[Expr, ...]], sizes: S
 
 def _update_modules(root: nn.Module, gm: fx.GraphModule, nodes: dict[str, Any], sizes: Sizes) -> None:
     """Module classes with an entry in MODULE_UPDATES, from the op that first reads their parameters."""
-    users = _first_users(gm)
+    ops = _module_ops(root, gm)
     for name, module in root.named_modules():
-        update = MODULE_UPDATES.get(type(module))
-        node = next((users[f"{name}.{p}"] for p, _ in module.named_parameters(recurse=False)
-                     if f"{name}.{p}" in users), None)
+        update, node = MODULE_UPDATES.get(type(module)), ops.get(name)
         source = node.args[0] if node is not None and node.args else None
         if update is not None and isinstance(source, fx.Node) and source.name in nodes:
             replacement = update(module, node, nodes, sizes)
             if replacement is not None:  # nn.MultiheadAttention -> PrunedMultiheadAttention
-                owner, _, attr = name.rpartition(".")
-                setattr(root.get_submodule(owner), attr, replacement)
+                replace_module(root, name, replacement)
         elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # Hugging Face's (in, out) linear
             module.nx, module.nf = module.weight.shape
 
@@ -157,13 +155,20 @@ def _update_config(config: Any, heads: dict[str, list], hidden: list[tuple[int, 
             config.head_dim = width
 
 
-def _first_users(gm: fx.GraphModule) -> dict[str, fx.Node]:
-    """The first op reading each parameter or buffer, by qualified name."""
+def _module_ops(root: nn.Module, gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """For each module of ``root`` holding parameters, by name: the first op of ``gm`` that
+    reads one of them (its first parameter that is read)."""
     users: dict[str, fx.Node] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr" and node.users:
             users.setdefault(str(node.target), next(iter(node.users)))
-    return users
+    ops = {}
+    for name, module in root.named_modules():
+        prefix = f"{name}." if name else ""
+        node = next((users[prefix + p] for p, _ in module.named_parameters(recurse=False) if prefix + p in users), None)
+        if node is not None:
+            ops[name] = node
+    return ops
 
 
 def _head_pairs(gm: fx.GraphModule, nodes: dict[str, Any], sizes: Sizes) -> dict[tuple[str, str], list]:
@@ -206,7 +211,7 @@ def _assign_repeats(module: nn.Module, heads: list[tuple[int, int]]) -> None:
     after = {q_new // kv_new for q, q_new in set(heads) for kv, kv_new in set(heads)
              if q == repeats * kv and kv_new and q_new % kv_new == 0}
     if len(after) == 1:
-        module.num_key_value_groups = after.pop()
+        setattr(module, "num_key_value_groups", after.pop())
 
 
 def _configs(root: nn.Module) -> Iterator[Any]:
@@ -267,11 +272,8 @@ def _same_outputs(
                 tensor.copy_(saved)
     if finished:
         return _close(tree_flatten(graph)[0], tree_flatten(own)[0])
-    users = _first_users(gm)
-    pairs = [(values[node.name], outputs[name]) for name, module in root.named_modules()
-             for node in [next((users[f"{name}.{p}"] for p, _ in module.named_parameters(recurse=False)
-                                if f"{name}.{p}" in users), None)]
-             if node is not None and node.name in values and name in outputs]
+    pairs = [(values[node.name], outputs[name]) for name, node in _module_ops(root, gm).items()
+             if node.name in values and name in outputs]
     return bool(pairs) and all(_close(_first(a), _first(b)) for a, b in pairs)
 
 

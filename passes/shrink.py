@@ -25,7 +25,7 @@ from .errors import PlanError
 from .meta import VALUE, TensorMeta
 from .mha import PrunedMultiheadAttention
 
-__all__ = ["shrink", "Sizes"]
+__all__ = ["replace_module", "shrink", "Sizes"]
 
 
 class Sizes:
@@ -76,7 +76,7 @@ def shrink(
             replacement = updater(gm.get_submodule(str(node.target)), node, nodes, sizes) if updater else None
             if replacement is not None:
                 for module in (gm, root) if root is not None else (gm,):
-                    _replace(module, str(node.target), replacement)
+                    replace_module(module, str(node.target), replacement)
         elif node.op in ("call_function", "call_method"):
             packet = getattr(node.target, "overloadpacket", None)
             rewrite = GRAPH_REWRITES.get(node.target) or GRAPH_REWRITES.get(packet)
@@ -121,7 +121,8 @@ def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
         setattr(holder, attr, value)
 
 
-def _replace(module: nn.Module, name: str, replacement: nn.Module) -> None:
+def replace_module(module: nn.Module, name: str, replacement: nn.Module) -> None:
+    """Put ``replacement`` at ``name`` in ``module`` (nothing when the owner is gone)."""
     owner, _, attr = name.rpartition(".")
     try:
         setattr(module.get_submodule(owner), attr, replacement)
