@@ -84,7 +84,7 @@ from torchvision.models import detection, optical_flow, segmentation, video
 import depgraph
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from equivalence import FLOOR, RTOL, calibrate, random_keep
+from equivalence import FLOOR, RTOL, calibrate, outputs_of, random_keep, weight_ops
 
 HEADER = ["model", "tracer used", "analyzed", "groups", "unsupported (count: ops)", "pruned (params kept)",
           "pruned class kept", "equivalent (err / scale)", "what was compared", "seconds", "TP graph built",
@@ -172,21 +172,7 @@ def head_ops(analysis: depgraph.Analysis, prefix: str) -> list[str]:
     pruned = {(m.name, m.dim) for g in analysis.groups for m in g.members}
     heads = {name for name in analysis.params
              if name.startswith(prefix) and name.endswith("weight") and (name, 0) not in pruned}
-    return [n.name for n in analysis.graph.graph.nodes
-            if n.op == "call_function" and any(a.op == "get_attr" and a.target in heads for a in n.all_input_nodes)]
-
-
-def outputs_of(gm: fx.GraphModule, names: list[str]) -> fx.GraphModule:
-    """``gm`` cut after the nodes ``names``, returning their values."""
-    nodes = {n.name: n for n in gm.graph.nodes}
-    graph, env = fx.Graph(), {}
-    for node in gm.graph.nodes:
-        env[node] = graph.node_copy(node, lambda n: env[n])
-        if all(nodes[k] in env for k in names):
-            break
-    graph.output(tuple(env[nodes[k]] for k in names))
-    graph.eliminate_dead_code()
-    return fx.GraphModule(gm, graph)
+    return weight_ops(analysis, heads)
 
 
 def head_outputs(model: nn.Module, graph: fx.GraphModule, names: list[str], inputs: tuple[Any, ...]) -> list[Any]:

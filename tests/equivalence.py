@@ -21,6 +21,7 @@ the statistics of a batch so that activations keep unit scale.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +40,9 @@ __all__ = [
     "check_plan",
     "expected_shapes",
     "fingerprint",
+    "outputs_of",
     "random_keep",
+    "weight_ops",
 ]
 
 RTOL = 1e-4
@@ -194,3 +197,24 @@ def random_keep(analysis: Analysis, seed: int) -> dict[int, torch.Tensor]:
         count = int(torch.randint(1, g.size + 1, (1,), generator=gen))
         keep[g.index] = torch.randperm(g.size, generator=gen)[:count]
     return keep
+
+
+def weight_ops(analysis: Analysis, weights: Collection[str]) -> list[str]:
+    """Names of the ops of ``analysis.graph`` that read one of the parameters ``weights``
+    (simulate and prune keep the analysis graph's node names)."""
+    return [n.name for n in analysis.graph.graph.nodes
+            if n.op == "call_function" and any(a.op == "get_attr" and a.target in weights for a in n.all_input_nodes)]
+
+
+def outputs_of(gm: fx.GraphModule, names: list[str]) -> fx.GraphModule:
+    """``gm`` cut after the nodes ``names``, returning their values (what a recorded detector
+    computes before its first data-dependent op can be compared on its own)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    graph, env = fx.Graph(), {}
+    for node in gm.graph.nodes:
+        env[node] = graph.node_copy(node, lambda n: env[n])
+        if all(nodes[k] in env for k in names):
+            break
+    graph.output(tuple(env[nodes[k]] for k in names))
+    graph.eliminate_dead_code()
+    return fx.GraphModule(gm, graph)

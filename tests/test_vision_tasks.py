@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from equivalence import FLOOR, RTOL, calibrate, check_plan, fingerprint, random_keep
-from torch import fx, nn
+from equivalence import FLOOR, RTOL, calibrate, check_plan, fingerprint, outputs_of, random_keep, weight_ops
+from torch import nn
 from torchvision.models import detection, segmentation, video
 
 import depgraph
@@ -71,22 +71,6 @@ def _fasterrcnn() -> tuple[nn.Module, tuple[list[torch.Tensor]]]:
     return model.eval(), ([torch.rand(3, 128, 128)],)
 
 
-def _outputs_of(analysis: Analysis, gm: fx.GraphModule, weights: set[str]) -> fx.GraphModule:
-    """``gm`` cut after the ops of ``analysis.graph`` that read one of ``weights``, returning
-    their values (simulate and prune keep the analysis graph's node names)."""
-    names = [n.name for n in analysis.graph.graph.nodes
-             if n.op == "call_function" and any(a.op == "get_attr" and a.target in weights for a in n.all_input_nodes)]
-    nodes = {n.name: n for n in gm.graph.nodes}
-    graph, env = fx.Graph(), {}
-    for node in gm.graph.nodes:
-        env[node] = graph.node_copy(node, lambda n: env[n])
-        if all(nodes[k] in env for k in names):
-            break
-    graph.output(tuple(env[nodes[k]] for k in names))
-    graph.eliminate_dead_code()
-    return fx.GraphModule(gm, graph)
-
-
 def test_fasterrcnn_is_recorded_with_its_heads_prunable() -> None:
     model, inputs = _fasterrcnn()
     before = fingerprint(model)
@@ -126,7 +110,7 @@ def test_fasterrcnn_prune_and_simulate_agree_before_the_first_data_dependent_op(
     yp: list[torch.Tensor] = []
     hooks = [pruned.get_submodule(h).register_forward_hook(lambda _m, _i, out: yp.append(out)) for h in heads]
     with torch.no_grad():
-        ys = _outputs_of(a, simulated, {f"{h}.weight" for h in heads})(*inputs[0])
+        ys = outputs_of(simulated, weight_ops(a, {f"{h}.weight" for h in heads}))(*inputs[0])
         pruned(*inputs)
     for hook in hooks:
         hook.remove()
