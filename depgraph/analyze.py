@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Collection
 from typing import Any
@@ -98,8 +99,9 @@ def analyze(
         raise InputError(f"tracer must be one of {list(TRACERS)}, got {tracer!r}")
     args, kwargs = _split_inputs(model, example_inputs)
     _check_names(model, exclude, "exclude")
+    notes: list[str] = []
     try:
-        gm, used = _trace(model, args, kwargs, tracer, leaf_modules, inferred=example_inputs is None)
+        gm, used, args, kwargs = _trace(model, args, kwargs, tracer, leaf_modules, example_inputs is None, notes)
     except (TraceError, ShapeError) as exc:
         if example_inputs is not None:
             raise
@@ -112,17 +114,19 @@ def analyze(
     analysis = Analysis(
         coupling.groups, coupling.pinned, cx.unsupported, gm,
         seconds=time.perf_counter() - start,
-        params=coupling.params, nodes=coupling.nodes, model=model,
-        inputs=args if used == "record" else tuple(_describe_input(a) for a in args), tracer=used,
+        params=coupling.params, nodes=coupling.nodes, literals=coupling.literals, model=model,
+        inputs=args if used == "record" else tuple(_describe_input(a) for a in args), tracer=used, notes=notes,
+        keywords={k: _describe_input(v) for k, v in kwargs.items()} if used == "export" else {},
     )
     return analysis
 
 
 def _trace(
     model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], tracer: str,
-    leaf_modules: Collection[str], inferred: bool,
-) -> tuple[fx.GraphModule, str]:
-    """The model's graph with VALUE on every node, and the frontend that made it."""
+    leaf_modules: Collection[str], inferred: bool, notes: list[str],
+) -> tuple[fx.GraphModule, str, tuple[Any, ...], dict[str, Any]]:
+    """The model's graph with VALUE on every node, the frontend that made it, and the
+    inputs it was traced with (``notes`` gets what was changed for the trace)."""
     reasons: list[str] = []
     for name in ("fx", "export", "record") if tracer == "auto" else (tracer,):
         why_not = _unusable(name, kwargs, leaf_modules)
@@ -131,15 +135,42 @@ def _trace(
         if why_not is not None:
             reasons.append(why_not)
             continue
+        traced_args, traced_kwargs = (args, kwargs) if name == "fx" else _without_cache(model, args, kwargs, notes)
         try:
-            return _FRONTENDS[name](model, args, kwargs, leaf_modules, inferred), name
+            gm = _FRONTENDS[name](model, traced_args, traced_kwargs, leaf_modules, inferred)
+            return gm, name, traced_args, traced_kwargs
         except (TraceError, ShapeError) as exc:  # fx can trace a graph its shapes cannot run (swin3d_t)
             if tracer != "auto":
                 raise
             reasons.append(str(exc))
     raise TraceError(
-        f"no tracer could turn {type(model).__name__} into a graph:\n- " + "\n- ".join(reasons)
+        f"no tracer could turn {type(model).__name__} into a graph:\n- "
+        + "\n- ".join(reasons or ["no frontend was tried"])
     )
+
+
+NO_CACHE = ("traced with use_cache=False: a key/value cache is an output of the forward, not an axis to prune; "
+            "the pruned model builds its cache with the pruned sizes")
+
+
+def _without_cache(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], notes: list[str]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The inputs as keywords with ``use_cache=False`` when ``forward`` takes ``use_cache`` and
+    the caller did not set it (a Hugging Face decoder returns its cache otherwise)."""
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return args, kwargs
+    if "use_cache" not in signature.parameters or "use_cache" in kwargs:
+        return args, kwargs
+    try:
+        bound = signature.bind_partial(*args, **kwargs).arguments
+    except TypeError:
+        return args, kwargs
+    if NO_CACHE not in notes:
+        notes.append(NO_CACHE)
+    return (), {**bound, "use_cache": False}
 
 
 def _unusable(tracer: str, kwargs: dict[str, Any], leaf_modules: Collection[str]) -> str | None:

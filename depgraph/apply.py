@@ -45,7 +45,7 @@ def prune(model: nn.Module, plan: Plan, inplace: bool = False) -> nn.Module:
     (torch.Size([3, 4]), 3, torch.Size([8, 4]))
     """
     target, analysis, removed = _prepare(model, plan, inplace)
-    changed = shrink(analysis.graph, analysis.params, analysis.nodes, removed, root=target)
+    changed = shrink(analysis.graph, analysis.params, analysis.nodes, removed, root=target, literals=analysis.literals)
     if analysis.tracer in ("export", "record"):
         # the graph calls no modules: set their attributes from its ops, keep the class if it runs alike
         inputs, recorded = (plan.inputs, plan.keywords), analysis.tracer == "record"

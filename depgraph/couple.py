@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from passes.dims import Atom, Expr, Unifier, atoms_of
 from passes.meta import VALUE, TensorMeta
 from passes.rules import Axes, Context
+from passes.rules.context import Literal, Measured
 
 from .groups import ActivationMember, Group, Member, Pinned
 
@@ -22,6 +23,7 @@ class Coupling:
     pinned: list[Pinned]
     params: dict[str, tuple[Expr, ...]]
     nodes: dict[str, Axes]
+    literals: dict[str, list[tuple[Literal, Measured]]]
 
 
 def couple(cx: Context) -> Coupling:
@@ -49,7 +51,15 @@ def couple(cx: Context) -> Coupling:
         for i, (atom, ms) in enumerate(members.items())
     ]
     pins = [Pinned(a.size, u.pin_reason(a) or "", tuple(ms)) for a, ms in pinned.items()]
-    return Coupling(groups, pins, params, nodes)
+    literals = {
+        node.name: [(where, _resolve_measured(u, measured)) for where, measured in found]
+        for node, found in cx.literals.items()
+    }
+    return Coupling(groups, pins, params, nodes, literals)
+
+
+def _resolve_measured(u: Unifier, measured: Measured) -> Measured:
+    return tuple(u.resolve(e) for e in measured) if isinstance(measured, tuple) else u.resolve(measured)
 
 
 def _resolve(u: Unifier, axes: Axes) -> Axes:

@@ -110,9 +110,14 @@ class Analysis:
     seconds: float = 0.0
     params: dict[str, tuple[Expr, ...]] = field(repr=False, default_factory=dict)
     nodes: dict[str, Any] = field(repr=False, default_factory=dict)
+    literals: dict[str, Any] = field(repr=False, default_factory=dict)
     model: Any = field(repr=False, default=None)
     inputs: tuple[Any, ...] = field(repr=False, default=())
     tracer: str = "fx"
+    keywords: dict[str, Any] = field(repr=False, default_factory=dict)
+    """The keyword example inputs of a torch.export analysis (metas for tensors, plain values)."""
+    notes: list[str] = field(default_factory=list)
+    """What the analysis changed or assumed to trace the model (``use_cache=False``), for people to read."""
 
     @property
     def fingerprint(self) -> str:
@@ -150,4 +155,5 @@ class Analysis:
         )
         for u in self.unsupported:
             rows.append(f"  unsupported: {u.op} at node {u.node}: {u.reason}")
+        rows.extend(f"  note: {note}" for note in self.notes)
         return "\n".join(rows)

@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from torch.utils._pytree import tree_unflatten
 
 from passes.dims import coordinates
 from passes.errors import PlanError
-from passes.meta import VALUE, TensorMeta
+from passes.meta import TensorMeta
 
 from .groups import Analysis
 
@@ -236,14 +235,8 @@ def _unit_of(member: Any) -> torch.Tensor:
 
 
 def _keywords(analysis: Analysis) -> dict[str, Any]:
-    """The keyword example inputs of a torch.export analysis (metas for tensors), read from
-    its graph: the placeholders' values, arranged by the graph's input spec."""
-    spec = getattr(analysis.graph, "_in_spec", None)
-    if analysis.tracer != "export" or spec is None:
-        return {}
-    values = [n.meta.get(VALUE) for n in analysis.graph.graph.nodes if n.op == "placeholder"]
-    _, kwargs = tree_unflatten(values, spec)
-    return dict(kwargs)
+    """The keyword example inputs of a torch.export analysis (metas for tensors)."""
+    return dict(analysis.keywords) if analysis.tracer == "export" else {}
 
 
 def _input_json(x: Any) -> Any:

@@ -29,6 +29,7 @@ from networkx.utils import UnionFind
 
 __all__ = [
     "Atom", "Product", "Concat", "Expr", "Unifier", "ONE", "atoms_of", "removed_mask", "kept_mask", "coordinates",
+    "Sizes",
 ]
 
 
@@ -174,6 +175,10 @@ class Unifier:
             self._pinned[self._classes[left.id]] = reason
 
     def _define(self, atom: Atom, expr: Expr) -> None:
+        atom = self.root(atom)
+        if atom.id in self._definition:  # refined already: the two refinements are one axis
+            self.unify(self._definition[atom.id], expr)
+            return
         if any(self.root(a) == atom for a in atoms_of(expr)):
             self.pin(expr, "an axis was equated with an expression containing itself")
             self.pin(atom, "an axis was equated with an expression containing itself")
@@ -188,7 +193,13 @@ class Unifier:
         where one side is finer; pin any stretch that cannot be aligned."""
         i = j = 0
         while i < len(left) and j < len(right):
-            a, b = left[i], right[j]
+            a, b = self.resolve(left[i]), self.resolve(right[j])  # earlier steps may have refined them
+            kind = Product if by_product else Concat
+            if isinstance(a, kind) or isinstance(b, kind):
+                left[i : i + 1] = _pieces(a, by_product)
+                right[j : j + 1] = _pieces(b, by_product)
+                continue
+            left[i], right[j] = a, b
             if a.size == b.size:
                 self.unify(a, b)
                 i, j = i + 1, j + 1
@@ -243,6 +254,13 @@ class Unifier:
         for expr in left[i0:i] + right[j0:j]:
             self.pin(expr, reason)
         return i, j
+
+
+def _pieces(expr: Expr, by_product: bool) -> list[Expr]:
+    """The factors (``by_product``) or parts of an expression; itself if it has none."""
+    if by_product:
+        return list(expr.factors) if isinstance(expr, Product) else [expr]
+    return _parts(expr)
 
 
 def _parts(expr: Expr) -> list[Expr]:
@@ -334,3 +352,31 @@ def coordinates(expr: Expr, atom: Atom) -> torch.Tensor:
         inner = coordinates(factor, atom)
         coords = torch.where(inner[None, :] >= 0, inner[None, :], coords[:, None]).reshape(-1)
     return coords
+
+
+class Sizes:
+    """Kept-index masks and kept counts of resolved expressions under one set of removed
+    units per atom (cached).
+
+    >>> u = Unifier(); h, d = u.new(2), u.new(3)
+    >>> s = Sizes({d: torch.tensor([1])})
+    >>> s.size(Product((h, d))), s.touches(h)
+    (4, False)
+    """
+
+    def __init__(self, removed: dict[Atom, torch.Tensor]) -> None:
+        self.removed = removed
+        self._masks: dict[Expr, torch.Tensor] = {}
+
+    def mask(self, expr: Expr) -> torch.Tensor:
+        m = self._masks.get(expr)
+        if m is None:
+            m = self._masks[expr] = kept_mask(expr, self.removed)
+        return m
+
+    def size(self, expr: Expr) -> int:
+        return int(self.mask(expr).sum()) if self.touches(expr) else expr.size
+
+    def touches(self, expr: Expr) -> bool:
+        """Whether the expression loses any index."""
+        return any(a in self.removed for a in atoms_of(expr))

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw
 from torch.utils._pytree import tree_map
 
 from .errors import ShapeError
@@ -32,11 +33,14 @@ def to_meta(value: Any) -> Any:
 
 
 def describe(value: Any) -> Any:
-    """``value`` with every tensor replaced by its :class:`TensorMeta`."""
+    """``value`` with every tensor replaced by its :class:`TensorMeta`, and every symbolic
+    size (a dimension torch.export kept dynamic) by its value in the example."""
     if isinstance(value, torch.Tensor):
-        return TensorMeta(tuple(value.shape), value.dtype)
+        return TensorMeta(tuple(_concrete(n) for n in value.shape), value.dtype)
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return _concrete(value)
     if isinstance(value, torch.Size):
-        return tuple(value)
+        return tuple(_concrete(n) for n in value)
     if isinstance(value, (tuple, list)):
         return type(value)(describe(v) for v in value) if type(value) in (tuple, list) else tuple(
             describe(v) for v in value
@@ -44,6 +48,13 @@ def describe(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: describe(v) for k, v in value.items()}
     return value
+
+
+def _concrete(n: Any) -> Any:
+    """A symbolic size's value in the example it was traced with (plain values unchanged)."""
+    if isinstance(n, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return n.node.hint if isinstance(n, torch.SymFloat) else guarding_hint_or_throw(n)
+    return n
 
 
 def _same_shape(m: nn.Module, x: torch.Tensor) -> tuple[int, ...]:

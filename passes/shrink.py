@@ -20,40 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .dims import Atom, Expr, Product, kept_mask
+from .dims import Atom, Expr, Sizes
 from .errors import PlanError
 from .meta import VALUE, TensorMeta
 from .mha import PrunedMultiheadAttention
+from .rules.context import Literal, Measured
+from .scalars import UNKNOWN, pruned_value
 
 __all__ = ["replace_module", "shrink", "Sizes"]
-
-
-class Sizes:
-    """Kept-index masks of resolved expressions under one set of removed units (cached)."""
-
-    def __init__(self, removed: dict[Atom, torch.Tensor]) -> None:
-        self.removed = removed
-        self._masks: dict[Expr, torch.Tensor] = {}
-
-    def mask(self, expr: Expr) -> torch.Tensor:
-        m = self._masks.get(expr)
-        if m is None:
-            m = self._masks[expr] = kept_mask(expr, self.removed)
-        return m
-
-    def size(self, expr: Expr) -> int:
-        return int(self.mask(expr).sum()) if self.touches(expr) else expr.size
-
-    def touches(self, expr: Expr) -> bool:
-        """Whether the expression loses any index."""
-        return any(a in self.removed for a in _atoms(expr))
-
-
-def _atoms(expr: Expr) -> list[Atom]:
-    if isinstance(expr, Atom):
-        return [expr]
-    subs = expr.factors if isinstance(expr, Product) else expr.parts
-    return [a for s in subs for a in _atoms(s)]
 
 
 def shrink(
@@ -62,15 +36,21 @@ def shrink(
     nodes: dict[str, Any],
     removed: dict[Atom, torch.Tensor],
     root: nn.Module | None = None,
+    literals: dict[str, list[tuple[Literal, Measured]]] | None = None,
 ) -> bool:
     """Shrink ``gm`` in place; return True if graph literals were rewritten.
 
     ``root`` is the module ``gm`` was traced from: sliced tensors are set there too
-    (fx copies attributes reached by ``get_attr`` onto the GraphModule itself)."""
+    (fx copies attributes reached by ``get_attr`` onto the GraphModule itself).
+    ``literals`` (by node name) are the sizes the rules said measure axes
+    (:meth:`passes.rules.Context.measure`): each becomes the kept count."""
     sizes = Sizes(removed)
     _slice_state(gm, params, sizes, root)
     changed = False
+    literals = literals or {}
     for node in gm.graph.nodes:
+        for where, measured in literals.get(node.name, ()):
+            changed |= _rewrite_literal(gm, node, where, measured, nodes, sizes)
         if node.op == "call_module":
             updater = MODULE_UPDATES.get(type(gm.get_submodule(str(node.target))))
             replacement = updater(gm.get_submodule(str(node.target)), node, nodes, sizes) if updater else None
@@ -130,6 +110,44 @@ def replace_module(module: nn.Module, name: str, replacement: nn.Module) -> None
         return  # fx dropped a module the graph does not call
 
 
+def _rewrite_literal(
+    gm: fx.GraphModule, node: fx.Node, where: Literal, measured: Measured, nodes: dict[str, Any], sizes: Sizes
+) -> bool:
+    """Give the size at ``where`` in ``node``'s call the kept count of what it measures;
+    whether the graph changed (a module attribute set is not a change of the graph). A size
+    computed in the graph is left alone when the pruned model computes the kept count."""
+    many = isinstance(measured, tuple)
+    exprs = measured if isinstance(measured, tuple) else (measured,)
+    if not any(sizes.touches(e) for e in exprs):
+        return False
+    kept = [sizes.size(e) for e in exprs]
+    want: Any = tuple(kept) if many else kept[0]
+    if where.attr:
+        module = gm.get_submodule(str(node.target))
+        setattr(module, where.name, type(getattr(module, where.name))(want) if many else want)
+        return False
+    present = where.index is not None and where.index < len(node.args)
+    current = node.args[where.index] if present else node.kwargs.get(where.name)  # type: ignore[index]
+    if current is None or _same(pruned_value(current, nodes, sizes), want):
+        return False
+    if present:
+        node.args = (*node.args[: where.index], want, *node.args[where.index + 1 :])  # type: ignore[misc]
+    else:
+        node.kwargs = {**node.kwargs, where.name: want}
+    return True
+
+
+def _same(value: Any, want: Any) -> bool:
+    """Whether a (pruned) argument value equals the wanted size or sizes."""
+    if value is UNKNOWN:
+        return False
+    if isinstance(want, tuple):
+        return isinstance(value, (tuple, list)) and tuple(value) == want
+    if isinstance(value, (tuple, list)) and len(value) == 1:
+        return value[0] == want
+    return value == want
+
+
 def _get(gm: fx.GraphModule, name: str) -> torch.Tensor:
     owner, _, attr = name.rpartition(".")
     return getattr(gm.get_submodule(owner), attr)
@@ -142,27 +160,25 @@ def _in_axes(node: fx.Node, nodes: dict[str, Any]) -> tuple[Expr, ...]:
     return nodes[node.args[0].name]
 
 
+def _from_op(m: nn.Module, node: fx.Node, attr: str, argument: str) -> None:
+    """Set ``m.attr`` from the op ``node`` of an ATen graph that reads ``m``'s parameters
+    (its argument ``argument``, rewritten by shrink). In an fx graph ``node`` calls ``m``,
+    whose attribute shrink already set."""
+    if node.op == "call_function" and hasattr(node.target, "_schema"):
+        value = _schema_arg(node, argument, getattr(m, attr))[1]
+        if isinstance(value, int):
+            setattr(m, attr, value)
+
+
 def _conv(m: nn.Module, node: fx.Node, nodes: dict[str, Any], sizes: Sizes) -> None:
     x = _in_axes(node, nodes)
     ch = 1 if len(x) == m.weight.ndim else 0
     m.in_channels = sizes.size(x[ch])
+    _from_op(m, node, "groups", "groups")
     if isinstance(m, nn.modules.conv._ConvTransposeNd):  # weight: (in, out/groups, k...)
-        m.groups = _groups_from(x[ch], m.groups, sizes)
         m.out_channels = m.weight.shape[1] * m.groups
     else:
-        m.groups = m.in_channels // m.weight.shape[1]
         m.out_channels = m.weight.shape[0]
-
-
-def _groups_from(expr: Expr, groups: int, sizes: Sizes) -> int:
-    """Kept groups when ``expr`` = Product(groups, per-group): the leading factors of that size."""
-    if isinstance(expr, Product):
-        lead: list[Expr] = []
-        for f in expr.factors:
-            lead.append(f)
-            if math.prod(x.size for x in lead) == groups:
-                return sizes.size(Product(tuple(lead)) if len(lead) > 1 else lead[0])
-    return groups
 
 
 def _linear(m: nn.Module, node: fx.Node, nodes: dict[str, Any], sizes: Sizes) -> None:
@@ -188,7 +204,7 @@ def _layer_norm(m: nn.Module, node: fx.Node, nodes: dict[str, Any], sizes: Sizes
 
 def _group_norm(m: nn.Module, node: fx.Node, nodes: dict[str, Any], sizes: Sizes) -> None:
     x = _in_axes(node, nodes)
-    m.num_groups = _groups_from(x[1], m.num_groups, sizes)
+    _from_op(m, node, "num_groups", "group" if "native" in str(node.target) else "num_groups")
     m.num_channels = sizes.size(x[1])
 
 
@@ -251,52 +267,37 @@ def _out_axes(node: fx.Node, nodes: dict[str, Any]) -> Any:
 
 
 def _shape_args(node: fx.Node, nodes: dict[str, Any], sizes: Sizes) -> bool:
-    """view/reshape/expand: sizes of pruned output axes become the new literal sizes.
+    """view/reshape/expand: each size becomes the kept size of the output axis it shapes.
 
-    This covers sizes computed in the graph too (``b, n, d = x.shape`` then
-    ``reshape(b, n, d)``): ``d`` may measure another axis than the one it shapes."""
-    out = _out_axes(node, nodes)
-    packed = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
-    shape = list(node.args[1] if packed else node.args[1:])
+    A size computed in the graph (``b, n, d = x.shape`` then ``reshape(b * h, n, d)``) is
+    left alone when the pruned model computes the kept size; otherwise it becomes ``-1``
+    when it is the only computed one to change and the call has no ``-1`` (so a batch size computed
+    at run time stays so), else the literal kept size."""
     if "shape" in node.kwargs or "size" in node.kwargs:
         return False
-    new = [
-        sizes.size(e) if s != -1 and (sizes.touches(e) or _measures_pruned(s, nodes, sizes)) else s
-        for s, e in zip(shape, out)
-    ]
-    if new == shape:
+    out = _out_axes(node, nodes)
+    last = node.args[-1] if len(node.args) == 2 else None
+    whole = isinstance(last, fx.Node) and isinstance(last.meta.get(VALUE), tuple)
+    packed = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
+    if whole:  # view(other.shape): one value for the whole shape
+        want = tuple(sizes.size(e) for e in out)
+        if _same(pruned_value(node.args[1], nodes, sizes), want):
+            return False
+        node.args = (node.args[0], want)
+        return True
+    shape = list(node.args[1] if packed else node.args[1:])
+    wrong = [i for i, (s, e) in enumerate(zip(shape, out)) if s != -1 and not _same(pruned_value(s, nodes, sizes),
+                                                                                      sizes.size(e))]
+    if not wrong:
         return False
+    new = list(shape)
+    for i in wrong:
+        new[i] = sizes.size(out[i])
+    computed = [i for i in wrong if isinstance(shape[i], fx.Node)]
+    if len(computed) == 1 and -1 not in shape and "expand" not in str(node.target):
+        new[computed[0]] = -1
     node.args = (node.args[0], tuple(new)) if packed else (node.args[0], *new)
     return True
-
-
-def _measures_pruned(value: Any, nodes: dict[str, Any], sizes: Sizes) -> bool:
-    """Whether a size computed in the graph (``x.shape[i]``, ``x.size(i)``, arithmetic on
-    them) reads a pruned axis, so that it changes value once the model shrinks."""
-    if not isinstance(value, fx.Node):
-        return False
-    if isinstance(value.meta.get(VALUE), TensorMeta):  # numel(), a tensor used as a size
-        axes = nodes.get(value.name)
-        return isinstance(axes, tuple) and any(sizes.touches(e) for e in axes)
-    if value.op == "call_method" and value.target == "size" and len(value.args) > 1:
-        axes = nodes.get(value.args[0].name)
-        return isinstance(axes, tuple) and sizes.touches(axes[value.args[1]])
-    if value.op == "call_function" and value.target is operator.getitem:
-        source, index = value.args
-        if isinstance(source, fx.Node) and isinstance(index, int) and _reads_shape(source):
-            axes = nodes.get(source.args[0].name)
-            return isinstance(axes, tuple) and sizes.touches(axes[index])
-    if _reads_shape(value):
-        axes = nodes.get(value.args[0].name)
-        return isinstance(axes, tuple) and any(sizes.touches(e) for e in axes)
-    return any(_measures_pruned(a, nodes, sizes) for a in value.all_input_nodes)
-
-
-def _reads_shape(node: fx.Node) -> bool:
-    """``x.shape`` / ``x.size()`` (a whole shape)."""
-    if node.op == "call_function" and node.target is getattr and node.args[1] == "shape":
-        return True
-    return node.op == "call_method" and node.target == "size" and len(node.args) == 1
 
 
 def _unflatten(node: fx.Node, nodes: dict[str, Any], sizes: Sizes) -> bool:
@@ -378,43 +379,6 @@ def _sdpa(node: fx.Node, nodes: dict[str, Any], sizes: Sizes) -> bool:
     return True
 
 
-def _layer_norm_args(node: fx.Node, nodes: dict[str, Any], sizes: Sizes) -> bool:
-    x = nodes[node.args[0].name]
-    shape = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]
-    shape = [shape] if isinstance(shape, int) else list(shape)
-    new = [sizes.size(e) for e in x[len(x) - len(shape) :]]
-    if new == shape:
-        return False
-    if len(node.args) > 1:
-        node.args = (node.args[0], tuple(new), *node.args[2:])
-    else:
-        node.kwargs = {**node.kwargs, "normalized_shape": tuple(new)}
-    return True
-
-
-def _group_norm_args(node: fx.Node, nodes: dict[str, Any], sizes: Sizes) -> bool:
-    x = nodes[node.args[0].name]
-    groups = node.args[1] if len(node.args) > 1 else node.kwargs["num_groups"]
-    new = _groups_from(x[1], groups, sizes)
-    if new == groups:
-        return False
-    if len(node.args) > 1:
-        node.args = (node.args[0], new, *node.args[2:])
-    else:
-        node.kwargs = {**node.kwargs, "num_groups": new}
-    return True
-
-
-def _channel_shuffle(node: fx.Node, nodes: dict[str, Any], sizes: Sizes) -> bool:
-    x = nodes[node.args[0].name]
-    groups = node.args[1]
-    new = _groups_from(x[1], groups, sizes)
-    if new == groups:
-        return False
-    node.args = (node.args[0], new, *node.args[2:])
-    return True
-
-
 # -- ATen graphs (torch.export): literals of ATen ops -----------------------------------
 
 
@@ -455,46 +419,22 @@ def _aten_slice(node: fx.Node, nodes: dict[str, Any], sizes: Sizes) -> bool:
     return True
 
 
-def _aten_conv(node: fx.Node, nodes: dict[str, Any], sizes: Sizes) -> bool:
-    """aten.conv*d/conv_transpose*d/convolution: ``groups`` follows the kept channels, as
-    the Conv module update computes it."""
-    index, groups = _schema_arg(node, "groups", 1)
-    x, w = nodes[node.args[0].name], nodes[node.args[1].name]
-    ch = 1 if len(x) == len(w) else 0
-    if _schema_arg(node, "transposed", False)[1] or "transpose" in str(node.target):
-        new = _groups_from(x[ch], groups, sizes)
-    else:
-        new = sizes.size(x[ch]) // sizes.size(w[1])
-    if new == groups:
-        return False
-    _set_arg(node, index, "groups", new)
-    return True
-
-
 _ATEN = torch.ops.aten
 
 GRAPH_REWRITES: dict[object, Callable[[fx.Node, dict[str, Any], Sizes], bool]] = {
     **dict.fromkeys(("view", "reshape", "expand", "broadcast_to", torch.reshape, torch.broadcast_to), _shape_args),
-    **dict.fromkeys((torch.channel_shuffle, torch.native_channel_shuffle, F.channel_shuffle), _channel_shuffle),
     **dict.fromkeys(("unflatten", torch.unflatten), _unflatten),
     **dict.fromkeys(("split", "chunk", "tensor_split", torch.split, torch.chunk, torch.tensor_split), _split),
     operator.getitem: _getitem,
     **dict.fromkeys(("narrow", torch.narrow), _narrow),
     F.scaled_dot_product_attention: _sdpa,
-    F.layer_norm: _layer_norm_args,
-    F.group_norm: _group_norm_args,
     # ATen op packets (graphs from torch.export); shrink also looks an overload up by its packet
     **dict.fromkeys((_ATEN.view, _ATEN._unsafe_view, _ATEN.reshape, _ATEN.expand), _shape_args),
     _ATEN.unflatten: _unflatten,
     **dict.fromkeys((_ATEN.split, _ATEN.split_with_sizes, _ATEN.chunk, _ATEN.tensor_split), _aten_split),
     _ATEN.slice: _aten_slice,
     _ATEN.narrow: _narrow,
-    **dict.fromkeys((_ATEN.channel_shuffle, _ATEN.native_channel_shuffle), _channel_shuffle),
     _ATEN.scaled_dot_product_attention: _sdpa,
-    _ATEN.layer_norm: _layer_norm_args,
-    _ATEN.group_norm: _group_norm_args,
-    **dict.fromkeys((_ATEN.conv1d, _ATEN.conv2d, _ATEN.conv3d, _ATEN.conv_transpose1d, _ATEN.conv_transpose2d,
-                     _ATEN.conv_transpose3d, _ATEN.convolution, _ATEN._convolution), _aten_conv),
 }
 """Literal rewrites per op; add an entry when a rule relates a literal to an axis."""
 

@@ -6,35 +6,46 @@ Needs what :mod:`passes.shrink` needs. Does, in place on the GraphModule:
   and updates only kept entries;
 - ``mul`` masks on activations: after every node whose output has a pruned axis,
   so no op can turn a removed unit non-zero (a bias, a normalization's shift,
-  ``sigmoid(0) = 0.5``);
+  ``sigmoid(0) = 0.5``, ``x >= 0``); masks follow the runtime shape (:mod:`passes.masks`),
+  so the simulated model runs at other batch sizes too;
 - masked statistics where an op reduces over a pruned axis: layer, group and RMS
-  normalization, mean, var and std count only kept entries; softmax, log-softmax
-  and max see removed positions as a large negative (the ``add`` apply method),
-  min as a large positive;
-- a masked divisor gets 1 in removed positions, so ``x / norm`` gives 0 there, not NaN.
+  normalization, mean, var and std count only kept entries; softmax, log-softmax,
+  max, logsumexp, prod, all and nanmean see removed positions as the value that leaves
+  them out (a large negative, a large positive, one, true, NaN); attention's softmax
+  over pruned keys leaves those keys out;
+- a masked divisor gets 1 in removed positions, so ``x / norm`` gives 0 there, not NaN;
+- sizes computed at run time from a pruned axis (``q.shape[-1] ** -0.5``) take the value
+  they have in the pruned model where they enter arithmetic (:mod:`passes.scalars`).
 """
 
 from __future__ import annotations
 
+import inspect
 import operator
 import warnings
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from .dims import Atom, Expr
-from .errors import InputError
+from .dims import Atom, Expr, Sizes
+from .errors import InputError, PlanError
+from .masks import AxisMask, spec_of
 from .meta import VALUE, TensorMeta
-from .shrink import Sizes
+from .rules import pointwise
+from .scalars import pruned_scalars
 
 __all__ = ["simulate_graph", "remove_simulation", "MASK_PREFIX"]
 
 MASK_PREFIX = "_depgraph_mask_"
 NEGATIVE = -1e9
 """What the ``add`` apply method puts in removed positions before softmax: exp() of it is 0."""
+MARK = "depgraph_mask"
+"""``node.meta`` key of the nodes simulation inserts: ``mul`` and ``add`` (a masked value,
+its source is ``args[0]``), ``constant`` (a mask)."""
 
 
 class Mask(nn.Module):
@@ -67,22 +78,63 @@ def simulate_graph(
     _check_methods(gm, methods)
     sizes = Sizes(removed)
     _mask_parameters(gm, params, sizes, {t for t, m in methods.items() if m == "bypass"})
-    counter = iter(range(1 << 30))
+    run = _Pass(gm, nodes, sizes, iter(range(1 << 30)))
+    unknown = pruned_scalars(gm, nodes, sizes, VALUE_OPS)
+    if unknown:
+        raise PlanError(f"simulate cannot tell the value that {unknown[0]} computes from a pruned size in the pruned "
+                        "model; prune the model instead, or keep that axis whole")
     for node in list(gm.graph.nodes):
-        if node.op in ("placeholder", "output") or node.meta.get("depgraph_mask"):
+        if node.op in ("placeholder", "output") or node.meta.get(MARK):
             continue
         if node.op != "get_attr":
-            _masked_statistics(gm, node, nodes, sizes, counter)
-            _safe_divisor(gm, node, nodes, sizes, counter)
+            _masked_statistics(run, node)
+            _safe_divisor(run, node)
         if node.op == "call_module" and methods.get(f"{node.target}._input_") == "add":
-            _add_input_mask(gm, node, nodes, sizes, counter)
+            _add_input_mask(run, node)
         axes, value = nodes.get(node.name), node.meta.get(VALUE)
-        if isinstance(axes, tuple) and isinstance(value, TensorMeta) and value.dtype.is_floating_point:
-            if any(sizes.touches(e) for e in axes):  # integer indices and bool masks carry no values to mask
-                add = node.op == "call_module" and methods.get(f"{node.target}._output_") == "add"
-                _mask_output(gm, node, _broadcast_mask(axes, sizes), counter, "add" if add else "mul")
+        if isinstance(axes, tuple) and isinstance(value, TensorMeta) and run.touches(axes):
+            add = node.op == "call_module" and methods.get(f"{node.target}._output_") == "add"
+            _mask_output(run, node, "add" if add else "mul")
     gm.graph.lint()
     gm.recompile()
+
+
+@dataclass
+class _Pass:
+    """What the insertions of one simulation share."""
+
+    gm: fx.GraphModule
+    nodes: dict[str, Any]
+    sizes: Sizes
+    counter: Iterator[int]
+
+    def touches(self, axes: tuple[Expr, ...]) -> bool:
+        return any(self.sizes.touches(e) for e in axes)
+
+    def axes(self, source: Any) -> tuple[Expr, ...] | None:
+        """The axes of ``source``'s value, looking through the masks simulation inserted."""
+        while isinstance(source, fx.Node) and source.meta.get(MARK) in ("mul", "add"):
+            source = source.args[0]
+        axes = self.nodes.get(source.name) if isinstance(source, fx.Node) else None
+        return axes if isinstance(axes, tuple) else None
+
+    def mask(self, value: fx.Node, axes: tuple[Expr, ...], before: fx.Node) -> fx.Node:
+        """A node, inserted before ``before``, giving the mask of ``value`` (axes ``axes``)."""
+        name = f"{MASK_PREFIX}{next(self.counter)}"
+        specs = [spec_of(e, self.sizes) if self.sizes.touches(e) else None for e in axes]
+        self.gm.add_submodule(name, AxisMask(specs))
+        with self.gm.graph.inserting_before(before):
+            node = self.gm.graph.call_module(name, (value,))
+        node.meta[MARK] = "constant"
+        return node
+
+    def constant(self, value: torch.Tensor, before: fx.Node) -> fx.Node:
+        name = f"{MASK_PREFIX}{next(self.counter)}"
+        self.gm.register_buffer(name, value.to(_device(self.gm)))
+        with self.gm.graph.inserting_before(before):
+            get = self.gm.graph.get_attr(name)
+        get.meta[MARK] = "constant"
+        return get
 
 
 def _check_methods(gm: fx.GraphModule, methods: dict[str, str]) -> None:
@@ -94,17 +146,19 @@ def _check_methods(gm: fx.GraphModule, methods: dict[str, str]) -> None:
                              f"'<module>._output_', not {target!r}")
 
 
-def _add_input_mask(gm: fx.GraphModule, node: fx.Node, nodes: dict[str, Any], sizes: Sizes, counter: Any) -> None:
-    source = node.args[0]
-    while isinstance(source, fx.Node) and source.meta.get("depgraph_mask") == "mul":
-        source = source.args[0]
-    axes = nodes.get(source.name) if isinstance(source, fx.Node) else None
-    if not isinstance(axes, tuple) or not any(sizes.touches(e) for e in axes):
+def masked_add(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``x`` with a large negative in removed positions (for a softmax that follows)."""
+    return x * keep + (keep - 1) * -NEGATIVE
+
+
+def _add_input_mask(run: _Pass, node: fx.Node) -> None:
+    axes = run.axes(node.args[0])
+    if axes is None or not run.touches(axes):
         return
-    offset = _constant(gm, node, (_broadcast_mask(axes, sizes) - 1) * -NEGATIVE, counter)
-    with gm.graph.inserting_before(node):
-        shifted = gm.graph.call_function(operator.add, (node.args[0], offset))
-    shifted.meta["depgraph_mask"] = "add"
+    keep = run.mask(node.args[0], axes, node)
+    with run.gm.graph.inserting_before(node):
+        shifted = run.gm.graph.call_function(masked_add, (node.args[0], keep))
+    shifted.meta[MARK] = "add"
     node.args = (shifted, *node.args[1:])
 
 
@@ -117,14 +171,16 @@ def remove_simulation(gm: fx.GraphModule) -> None:
                 parametrize.remove_parametrizations(module, name, leave_parametrized=False)
     for kind in ("add", "mul"):
         for node in list(gm.graph.nodes):
-            if node.meta.get("depgraph_mask") == kind:
+            if node.meta.get(MARK) == kind:
                 node.replace_all_uses_with(node.args[0])
                 gm.graph.erase_node(node)
-    for node in list(gm.graph.nodes):
-        if node.meta.get("depgraph_mask") in ("buffer", "constant") and not node.users:
+    for node in reversed(list(gm.graph.nodes)):
+        if node.meta.get(MARK) == "constant" and not node.users:
             gm.graph.erase_node(node)
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    used = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
     for name in [b for b, _ in gm.named_buffers(recurse=False) if b.startswith(MASK_PREFIX) and b not in used]:
+        delattr(gm, name)
+    for name in [m for m, _ in gm.named_children() if m.startswith(MASK_PREFIX) and m not in used]:
         delattr(gm, name)
     gm.recompile()
 
@@ -146,6 +202,7 @@ def _mask_parameters(
 
 
 def _broadcast_mask(axes: tuple[Expr, ...], sizes: Sizes) -> torch.Tensor:
+    """The float mask of a tensor with these (static) axes, size 1 where nothing is removed."""
     mask = torch.ones((1,) * len(axes))
     for dim, expr in enumerate(axes):
         if sizes.touches(expr):
@@ -155,25 +212,17 @@ def _broadcast_mask(axes: tuple[Expr, ...], sizes: Sizes) -> torch.Tensor:
     return mask
 
 
-def _mask_output(gm: fx.GraphModule, node: fx.Node, mask: torch.Tensor, counter: Any, method: str) -> None:
-    """Follow ``node`` with ``x * mask`` (``mul``) or ``x * mask + (mask - 1) * 1e9`` (``add``)."""
-    buffer = f"{MASK_PREFIX}{next(counter)}"
-    gm.register_buffer(buffer, mask.to(_device(gm)))
-    with gm.graph.inserting_after(node):
-        get = gm.graph.get_attr(buffer)
-        get.meta["depgraph_mask"] = "buffer"
-    with gm.graph.inserting_after(get):
-        mul = gm.graph.call_function(operator.mul, (node, get))
-        mul.meta["depgraph_mask"] = "mul"
-    if method == "add":
-        offset = _constant(gm, node, (mask - 1) * -NEGATIVE, counter)
-        offset.meta["depgraph_mask"] = "buffer"
-        with gm.graph.inserting_after(mul):
-            shifted = gm.graph.call_function(operator.add, (mul, offset))
-        shifted.meta["depgraph_mask"] = "add"
-        node.replace_all_uses_with(shifted, delete_user_cb=lambda user: user is not mul)
-        return
-    node.replace_all_uses_with(mul, delete_user_cb=lambda user: user is not mul)
+def _mask_output(run: _Pass, node: fx.Node, method: str) -> None:
+    """Follow ``node`` with ``x * mask`` (``mul``) or :func:`masked_add` (``add``)."""
+    graph = run.gm.graph
+    users = list(node.users)
+    after = node.next
+    keep = run.mask(node, run.nodes[node.name], after)
+    with graph.inserting_after(keep):
+        masked = graph.call_function(operator.mul if method == "mul" else masked_add, (node, keep))
+    masked.meta[MARK] = method
+    for user in users:
+        user.replace_input_with(node, masked)
 
 
 # -- masked statistics ---------------------------------------------------------------
@@ -182,7 +231,7 @@ def _mask_output(gm: fx.GraphModule, node: fx.Node, mask: torch.Tensor, counter:
 def masked_layer_norm(x: torch.Tensor, keep: torch.Tensor, weight: Any, bias: Any, eps: float) -> torch.Tensor:
     """Layer norm over the trailing ``keep.ndim`` axes counting only kept entries."""
     dims = tuple(range(-keep.ndim, 0))
-    count = keep.sum().clamp(min=1)
+    count = torch.broadcast_to(keep, x.shape[x.ndim - keep.ndim :]).sum().clamp(min=1)
     mean = (x * keep).sum(dims, keepdim=True) / count
     var = (((x - mean) * keep) ** 2).sum(dims, keepdim=True) / count
     y = (x - mean) / torch.sqrt(var + eps)
@@ -197,7 +246,8 @@ def masked_rms_norm(x: torch.Tensor, keep: torch.Tensor, weight: Any, eps: Any) 
     """RMS norm over the trailing ``keep.ndim`` axes counting only kept entries."""
     dims = tuple(range(-keep.ndim, 0))
     eps = torch.finfo(x.dtype).eps if eps is None else eps
-    ms = ((x * keep) ** 2).sum(dims, keepdim=True) / keep.sum().clamp(min=1)
+    count = torch.broadcast_to(keep, x.shape[x.ndim - keep.ndim :]).sum().clamp(min=1)
+    ms = ((x * keep) ** 2).sum(dims, keepdim=True) / count
     y = x * torch.rsqrt(ms + eps)
     return (y * weight if weight is not None else y) * keep
 
@@ -227,46 +277,78 @@ def masked_var(
     """Variance (or std) over ``dims`` counting only entries where ``keep`` (broadcastable) is 1."""
     count = (keep * torch.ones_like(x)).sum(dims, keepdim=True)
     mean = (x * keep).sum(dims, keepdim=True) / count.clamp(min=1)
-    var = (((x - mean) * keep) ** 2).sum(dims, keepdim=True) / (count - correction).clamp(min=1)
+    # as torch: max(0, count - correction) degrees of freedom (one kept entry: 0 / 0 = nan)
+    var = (((x - mean) * keep) ** 2).sum(dims, keepdim=True) / (count - correction).clamp(min=0)
     var = var if keepdim else var.squeeze(dims)
     return var.sqrt() if std else var
 
 
-def _masked_statistics(gm: fx.GraphModule, node: fx.Node, nodes: dict[str, Any], sizes: Sizes, counter: Any) -> None:
+def masked_var_mean(
+    x: torch.Tensor, keep: torch.Tensor, dims: Any, correction: float, keepdim: bool, std: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(var or std, mean)`` over ``dims`` counting only kept entries (torch.var_mean/std_mean)."""
+    count = (keep * torch.ones_like(x)).sum(dims, keepdim=True).clamp(min=1)
+    mean = (x * keep).sum(dims, keepdim=True) / count
+    return masked_var(x, keep, dims, correction, keepdim, std), mean if keepdim else mean.squeeze(dims)
+
+
+def masked_mean(x: torch.Tensor, keep: torch.Tensor, dims: Any, keepdim: bool, dtype: Any = None) -> torch.Tensor:
+    """Mean over ``dims`` counting only kept entries (removed entries of ``x`` are zero)."""
+    count = (keep * torch.ones_like(x)).sum(dims, keepdim=keepdim).clamp(min=1)
+    total = x.sum(dims, keepdim=keepdim, dtype=dtype)
+    return total / count.to(total.dtype)
+
+
+def fill_removed(x: torch.Tensor, keep: torch.Tensor, value: str) -> torch.Tensor:
+    """``x`` with removed positions set to ``value``: "low"/"high" (a large negative or
+    positive, of ``x``'s dtype), "one", "true" or "nan"."""
+    if value in ("low", "high"):
+        if x.dtype.is_floating_point:
+            fill: Any = NEGATIVE if value == "low" else -NEGATIVE
+        elif x.dtype == torch.bool:
+            fill = value == "high"
+        else:
+            info = torch.iinfo(x.dtype)
+            fill = info.min if value == "low" else info.max
+    else:
+        fill = {"one": 1, "true": True, "nan": float("nan")}[value]
+    return torch.where(keep > 0, x, torch.tensor(fill, dtype=x.dtype, device=x.device))
+
+
+def _masked_statistics(run: _Pass, node: fx.Node) -> None:
     if node.op == "call_module":
-        key: object = parametrize.type_before_parametrizations(gm.get_submodule(str(node.target)))
+        key: object = parametrize.type_before_parametrizations(run.gm.get_submodule(str(node.target)))
     else:
         key = node.target
     handler = STATISTICS.get(key) or STATISTICS.get(getattr(key, "overloadpacket", None))
     if handler is None or not node.args or not isinstance(node.args[0], fx.Node):
         return
-    source = node.args[0]
-    while source.meta.get("depgraph_mask") == "mul":  # its input was masked already
-        source = source.args[0]
-    x = nodes.get(source.name)
-    if isinstance(x, tuple):
-        handler(gm, node, x, sizes, counter)
+    x = run.axes(node.args[0])
+    if x is not None:
+        handler(run, node, x)
 
 
-def _safe_divisor(gm: fx.GraphModule, node: fx.Node, nodes: dict[str, Any], sizes: Sizes, counter: Any) -> None:
+def safe_divisor(divisor: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``divisor`` with 1 in removed positions."""
+    return divisor + (1 - keep)
+
+
+def _safe_divisor(run: _Pass, node: fx.Node) -> None:
     """Add 1 to the removed positions of a division's masked divisor (``x / norm`` in an L2
     normalization): they become ``0 / 1 = 0`` instead of ``0 / 0 = NaN``, which no mask
     after the division could undo and whose gradient would reach kept entries."""
     target = node.target
     if target not in DIVISIONS and getattr(target, "overloadpacket", None) not in DIVISIONS:
         return
-    if len(node.args) < 2 or not isinstance(node.args[1], fx.Node) or node.args[1].meta.get("depgraph_mask") != "mul":
+    if len(node.args) < 2 or not isinstance(node.args[1], fx.Node) or node.args[1].meta.get(MARK) != "mul":
         return  # an unmasked divisor has no zeros of ours
-    source = node.args[1]
-    while source.meta.get("depgraph_mask") == "mul":
-        source = source.args[0]
-    axes = nodes.get(source.name)
-    if not isinstance(axes, tuple) or not any(sizes.touches(e) for e in axes):
+    axes = run.axes(node.args[1])
+    if axes is None or not run.touches(axes):
         return
-    offset = _constant(gm, node, 1 - _broadcast_mask(axes, sizes), counter)
-    with gm.graph.inserting_before(node):
-        shifted = gm.graph.call_function(operator.add, (node.args[1], offset))
-    shifted.meta["depgraph_mask"] = "add"
+    keep = run.mask(node.args[1], axes, node)
+    with run.gm.graph.inserting_before(node):
+        shifted = run.gm.graph.call_function(safe_divisor, (node.args[1], keep))
+    shifted.meta[MARK] = "add"
     node.args = (node.args[0], shifted, *node.args[2:])
 
 
@@ -276,15 +358,6 @@ def _device(gm: fx.GraphModule) -> torch.device:
         if not t.is_meta:
             return t.device
     return torch.device("cpu")
-
-
-def _constant(gm: fx.GraphModule, node: fx.Node, value: torch.Tensor, counter: Any) -> fx.Node:
-    name = f"{MASK_PREFIX}{next(counter)}"
-    gm.register_buffer(name, value.to(_device(gm)))
-    with gm.graph.inserting_before(node):
-        get = gm.graph.get_attr(name)
-    get.meta["depgraph_mask"] = "constant"
-    return get
 
 
 def _attr(gm: fx.GraphModule, node: fx.Node, attr: str) -> fx.Node | None:
@@ -303,96 +376,176 @@ def _trailing_keep(x: tuple[Expr, ...], k: int, sizes: Sizes) -> torch.Tensor | 
     return _broadcast_mask(trailing, sizes)
 
 
-def _layer_norm_module(gm: fx.GraphModule, node: fx.Node, x: tuple[Expr, ...], sizes: Sizes, counter: Any) -> None:
-    m = gm.get_submodule(str(node.target))
-    keep = _trailing_keep(x, len(m.normalized_shape), sizes)
+def _layer_norm_module(run: _Pass, node: fx.Node, x: tuple[Expr, ...]) -> None:
+    m = run.gm.get_submodule(str(node.target))
+    keep = _trailing_keep(x, len(m.normalized_shape), run.sizes)
     if keep is None:
         return
-    keep_node = _constant(gm, node, keep, counter)
-    weight = _attr(gm, node, "weight")
+    keep_node = run.constant(keep, node)
+    weight = _attr(run.gm, node, "weight")
     if parametrize.type_before_parametrizations(m) is nn.RMSNorm:
         _replace(node, masked_rms_norm, (node.args[0], keep_node, weight, m.eps))
     else:
-        _replace(node, masked_layer_norm, (node.args[0], keep_node, weight, _attr(gm, node, "bias"), m.eps))
+        _replace(node, masked_layer_norm, (node.args[0], keep_node, weight, _attr(run.gm, node, "bias"), m.eps))
 
 
-def _layer_norm_function(gm: fx.GraphModule, node: fx.Node, x: tuple[Expr, ...], sizes: Sizes, counter: Any) -> None:
+def _normalized_rank(shape: Any) -> int:
+    """How many trailing axes a ``normalized_shape`` argument (ints, or a node computing them) covers."""
+    if isinstance(shape, fx.Node):
+        shape = shape.meta.get(VALUE)
+    return 1 if isinstance(shape, int) else len(shape)
+
+
+def _layer_norm_function(run: _Pass, node: fx.Node, x: tuple[Expr, ...]) -> None:
     args = _bind(F.layer_norm, node)
-    shape = args["normalized_shape"]
-    keep = _trailing_keep(x, 1 if isinstance(shape, int) else len(shape), sizes)
+    keep = _trailing_keep(x, _normalized_rank(args["normalized_shape"]), run.sizes)
     if keep is not None:
-        keep_node = _constant(gm, node, keep, counter)
         weight, bias, eps = args.get("weight"), args.get("bias"), args.get("eps", 1e-5)
-        _replace(node, masked_layer_norm, (args["input"], keep_node, weight, bias, eps))
+        _replace(node, masked_layer_norm, (args["input"], run.constant(keep, node), weight, bias, eps))
 
 
-def _group_norm_module(gm: fx.GraphModule, node: fx.Node, x: tuple[Expr, ...], sizes: Sizes, counter: Any) -> None:
-    m = gm.get_submodule(str(node.target))
-    if sizes.touches(x[1]):
-        keep_node = _constant(gm, node, sizes.mask(x[1]).float(), counter)
-        args = (node.args[0], keep_node, m.num_groups, _attr(gm, node, "weight"), _attr(gm, node, "bias"), m.eps)
+def _rms_norm_function(run: _Pass, node: fx.Node, x: tuple[Expr, ...]) -> None:
+    args = _bind(F.rms_norm, node)
+    keep = _trailing_keep(x, _normalized_rank(args["normalized_shape"]), run.sizes)
+    if keep is not None:
+        _replace(node, masked_rms_norm, (args["input"], run.constant(keep, node), args.get("weight"), args.get("eps")))
+
+
+def _group_norm_module(run: _Pass, node: fx.Node, x: tuple[Expr, ...]) -> None:
+    m = run.gm.get_submodule(str(node.target))
+    if run.sizes.touches(x[1]):
+        keep_node = run.constant(run.sizes.mask(x[1]).float(), node)
+        weight, bias = _attr(run.gm, node, "weight"), _attr(run.gm, node, "bias")
+        args = (node.args[0], keep_node, m.num_groups, weight, bias, m.eps)
         _replace(node, masked_group_norm, args)
 
 
-def _group_norm_function(gm: fx.GraphModule, node: fx.Node, x: tuple[Expr, ...], sizes: Sizes, counter: Any) -> None:
+def _group_norm_function(run: _Pass, node: fx.Node, x: tuple[Expr, ...]) -> None:
     args = _bind(F.group_norm, node)
-    if sizes.touches(x[1]):
-        keep_node = _constant(gm, node, sizes.mask(x[1]).float(), counter)
+    if run.sizes.touches(x[1]):
+        keep_node = run.constant(run.sizes.mask(x[1]).float(), node)
         _replace(node, masked_group_norm, (args["input"], keep_node, args["num_groups"], args.get("weight"),
                                            args.get("bias"), args.get("eps", 1e-5)))
 
 
 def _reduced_dims(node: fx.Node, x: tuple[Expr, ...]) -> tuple[int, ...] | None:
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    if dim is None:
+    """The dims a reduction reduces (every dim when none is given), or None when computed."""
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", node.kwargs.get("axis"))
+    if isinstance(node.target, torch._ops.OpOverload):
+        dim = _schema_args(node).get("dim")
+    if dim is None or dim == [] or dim == ():
         return tuple(range(len(x)))
-    if isinstance(dim, fx.Node):
-        return None
+    if isinstance(dim, fx.Node) or isinstance(dim, bool):
+        return None if isinstance(dim, fx.Node) else tuple(range(len(x)))
     return tuple(d % len(x) for d in ([dim] if isinstance(dim, int) else dim))
 
 
-def _mean(gm: fx.GraphModule, node: fx.Node, x: tuple[Expr, ...], sizes: Sizes, counter: Any) -> None:
+def _touched_dims(run: _Pass, node: fx.Node, x: tuple[Expr, ...]) -> tuple[int, ...] | None:
     dims = _reduced_dims(node, x)
-    if dims is None or not any(sizes.touches(x[d]) for d in dims):
+    if dims is None or not any(run.sizes.touches(x[d]) for d in dims):
+        return None
+    return dims
+
+
+def _mean(run: _Pass, node: fx.Node, x: tuple[Expr, ...]) -> None:
+    dims = _touched_dims(run, node, x)
+    if dims is None:
         return
-    total = 1.0
-    kept = 1.0
-    for d in dims:
-        total *= x[d].size
-        kept *= max(sizes.size(x[d]), 1)
-    with gm.graph.inserting_after(node):
-        scaled = gm.graph.call_function(operator.mul, (node, total / kept))
-    node.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
+    if isinstance(node.target, torch._ops.OpOverload):
+        args = _schema_args(node)
+        keepdim, dtype = args.get("keepdim", False), args.get("dtype")
+    else:
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        dtype = node.kwargs.get("dtype")
+    source = node.args[0]
+    _replace(node, masked_mean, (source, run.mask(source, x, node), dims, keepdim, dtype))
 
 
-def _var(gm: fx.GraphModule, node: fx.Node, x: tuple[Expr, ...], sizes: Sizes, counter: Any) -> None:
-    dims = _reduced_dims(node, x)
-    if dims is None or not any(sizes.touches(x[d]) for d in dims):
+def _var(run: _Pass, node: fx.Node, x: tuple[Expr, ...]) -> None:
+    """var/std/var_mean/std_mean, torch-level or ATen (``unbiased`` or ``correction``)."""
+    dims = _touched_dims(run, node, x)
+    if dims is None:
         return
-    name = node.target if isinstance(node.target, str) else node.target.__name__
-    keep_node = _constant(gm, node, _broadcast_mask(x, sizes), counter)
-    # var(x, dim, unbiased, keepdim) positionally; correction= / unbiased= / keepdim= by keyword
-    unbiased = node.args[2] if len(node.args) > 2 else node.kwargs.get("unbiased", True)
-    correction = node.kwargs.get("correction", int(unbiased))
-    keepdim = node.args[3] if len(node.args) > 3 else node.kwargs.get("keepdim", False)
-    _replace(node, masked_var, (node.args[0], keep_node, dims, correction, keepdim, name == "std"))
+    if isinstance(node.target, torch._ops.OpOverload):
+        args = _schema_args(node)
+        name = node.target.overloadpacket.__name__
+        correction = args.get("correction")
+        correction = int(args.get("unbiased", True)) if correction is None else correction
+        keepdim = args.get("keepdim", False)
+    else:
+        name = node.target if isinstance(node.target, str) else node.target.__name__
+        # var(x, dim, unbiased, keepdim) positionally; correction= / unbiased= / keepdim= by keyword
+        unbiased = node.args[2] if len(node.args) > 2 else node.kwargs.get("unbiased", True)
+        correction = node.kwargs.get("correction", int(unbiased))
+        keepdim = node.args[3] if len(node.args) > 3 else node.kwargs.get("keepdim", False)
+    source = node.args[0]
+    fn = masked_var_mean if name.endswith("_mean") else masked_var
+    _replace(node, fn, (source, run.mask(source, x, node), dims, correction, keepdim, name.startswith("std")))
 
 
-def _fill(value: float) -> Callable[..., None]:
-    def fill(gm: fx.GraphModule, node: fx.Node, x: tuple[Expr, ...], sizes: Sizes, counter: Any) -> None:
-        dims = _reduced_dims(node, x)
-        if dims is None or not any(sizes.touches(x[d]) for d in dims):
+def _fill(value: str) -> Callable[..., None]:
+    def fill(run: _Pass, node: fx.Node, x: tuple[Expr, ...]) -> None:
+        if _touched_dims(run, node, x) is None:
             return
-        keep_node = _constant(gm, node, _broadcast_mask(x, sizes) > 0, counter)
-        with gm.graph.inserting_before(node):
-            filled = gm.graph.call_function(torch.where, (keep_node, node.args[0], value))
+        source = node.args[0]
+        keep = run.mask(source, x, node)
+        with run.gm.graph.inserting_before(node):
+            filled = run.gm.graph.call_function(fill_removed, (source, keep, value))
+        filled.meta[MARK] = "add"  # removable: unsimulate reads ``source`` again
         node.args = (filled, *node.args[1:])
     return fill
 
 
-def _bind(fn: Callable[..., Any], node: fx.Node) -> dict[str, Any]:
-    import inspect
+def masked_softmax2d(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """nn.Softmax2d (a softmax over channels) with removed channels left out."""
+    return torch.softmax(fill_removed(x, keep, "low"), -3)
 
+
+def _softmax2d(run: _Pass, node: fx.Node, x: tuple[Expr, ...]) -> None:
+    if run.sizes.touches(x[-3]):
+        _replace(node, masked_softmax2d, (node.args[0], run.mask(node.args[0], x, node)))
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, attn_mask: Any = None,
+                     *args: Any, **kwargs: Any) -> torch.Tensor:
+    """F.scaled_dot_product_attention with the keys where ``keys`` (broadcastable to k) is 0
+    left out of the softmax."""
+    kept = keys.reshape(*keys.shape[:-2], 1, keys.shape[-2]) > 0  # (..., 1, S)
+    if attn_mask is None:
+        attn_mask = kept
+    elif attn_mask.dtype == torch.bool:
+        attn_mask = attn_mask & kept
+    else:
+        attn_mask = attn_mask.masked_fill(~kept, float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask, *args, **kwargs)
+
+
+def _attention(run: _Pass, node: fx.Node, x: tuple[Expr, ...]) -> None:
+    """Scaled dot-product attention over pruned keys: the removed keys are masked out."""
+    key = node.args[1] if len(node.args) > 1 else node.kwargs.get("key")
+    k = run.axes(key)
+    if k is None or not run.sizes.touches(k[-2]):
+        return
+    specs = [None] * len(k)
+    specs[-2] = spec_of(k[-2], run.sizes)
+    name = f"{MASK_PREFIX}{next(run.counter)}"
+    run.gm.add_submodule(name, AxisMask(specs))
+    with run.gm.graph.inserting_before(node):
+        keep = run.gm.graph.call_module(name, (key,))
+    keep.meta[MARK] = "constant"
+    args = _bind(_sdpa_signature, node)
+    rest = {n: v for n, v in args.items() if n not in ("query", "key", "value", "attn_mask")}
+    node.target, node.op = masked_attention, "call_function"
+    node.args = (args["query"], args["key"], args["value"], keep, args.get("attn_mask"))
+    node.kwargs = rest
+
+
+def _sdpa_signature(query: Any, key: Any, value: Any, attn_mask: Any = None, dropout_p: float = 0.0,
+                    is_causal: bool = False, scale: Any = None, enable_gqa: bool = False) -> None:
+    """The signature of F.scaled_dot_product_attention (a builtin, which inspect cannot read)."""
+
+
+def _bind(fn: Callable[..., Any], node: fx.Node) -> dict[str, Any]:
     if isinstance(node.target, torch._ops.OpOverload):  # an ATen op: its schema's names
         return _schema_args(node)
     return dict(inspect.signature(fn).bind(*node.args, **node.kwargs).arguments)
@@ -415,38 +568,39 @@ def _schema_args(node: fx.Node) -> dict[str, Any]:
     return found
 
 
-def _var_aten(gm: fx.GraphModule, node: fx.Node, x: tuple[Expr, ...], sizes: Sizes, counter: Any) -> None:
-    """aten.var/std, any overload (``unbiased`` or ``correction``): as :func:`_var`."""
-    args = _schema_args(node)
-    dim = args.get("dim")
-    dims = tuple(range(len(x))) if not dim else tuple(d % len(x) for d in ([dim] if isinstance(dim, int) else dim))
-    if not any(sizes.touches(x[d]) for d in dims):
-        return
-    correction = args.get("correction")
-    correction = int(args.get("unbiased", True)) if correction is None else correction
-    keep_node = _constant(gm, node, _broadcast_mask(x, sizes), counter)
-    std = node.target.overloadpacket is torch.ops.aten.std  # type: ignore[union-attr]
-    _replace(node, masked_var, (args["self"], keep_node, dims, correction, args.get("keepdim", False), std))
-
-
 _ATEN = torch.ops.aten
 
 STATISTICS: dict[object, Callable[..., None]] = {
     nn.LayerNorm: _layer_norm_module, nn.RMSNorm: _layer_norm_module, nn.GroupNorm: _group_norm_module,
-    F.layer_norm: _layer_norm_function, F.group_norm: _group_norm_function,
+    F.layer_norm: _layer_norm_function, F.group_norm: _group_norm_function, F.rms_norm: _rms_norm_function,
+    torch.layer_norm: _layer_norm_function, torch.group_norm: _group_norm_function,
+    nn.Softmax2d: _softmax2d,
     **dict.fromkeys(("mean", torch.mean), _mean),
-    **dict.fromkeys(("var", "std", torch.var, torch.std), _var),
+    **dict.fromkeys(("var", "std", torch.var, torch.std, torch.var_mean, torch.std_mean), _var),
     **dict.fromkeys((F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax",
-                     "amax", torch.amax, "max", torch.max, "logsumexp", torch.logsumexp), _fill(NEGATIVE)),
-    **dict.fromkeys(("amin", torch.amin, "min", torch.min), _fill(-NEGATIVE)),
+                     "amax", torch.amax, "max", torch.max, "logsumexp", torch.logsumexp,
+                     torch.special.softmax, torch.special.log_softmax), _fill("low")),
+    **dict.fromkeys(("amin", torch.amin, "min", torch.min, F.softmin), _fill("high")),
+    **dict.fromkeys(("prod", torch.prod), _fill("one")),
+    **dict.fromkeys(("all", torch.all), _fill("true")),
+    **dict.fromkeys(("nanmean", torch.nanmean), _fill("nan")),
+    F.scaled_dot_product_attention: _attention,
     # ATen op packets (graphs from torch.export); an overload is looked up by its packet
-    _ATEN.layer_norm: _layer_norm_function, _ATEN.group_norm: _group_norm_function, _ATEN.mean: _mean,
-    **dict.fromkeys((_ATEN.var, _ATEN.std), _var_aten),
+    _ATEN.layer_norm: _layer_norm_function, _ATEN.group_norm: _group_norm_function,
+    _ATEN.rms_norm: _rms_norm_function, _ATEN.mean: _mean,
+    **dict.fromkeys((_ATEN.var, _ATEN.std, _ATEN.var_mean, _ATEN.std_mean), _var),
     **dict.fromkeys((_ATEN.softmax, _ATEN._softmax, _ATEN._safe_softmax, _ATEN.log_softmax, _ATEN._log_softmax,
-                     _ATEN.amax, _ATEN.max, _ATEN.logsumexp), _fill(NEGATIVE)),
-    **dict.fromkeys((_ATEN.amin, _ATEN.min), _fill(-NEGATIVE)),
+                     _ATEN.amax, _ATEN.max, _ATEN.logsumexp), _fill("low")),
+    **dict.fromkeys((_ATEN.amin, _ATEN.min), _fill("high")),
+    _ATEN.prod: _fill("one"), _ATEN.all: _fill("true"), _ATEN.nanmean: _fill("nan"),
+    _ATEN.scaled_dot_product_attention: _attention,
 }
 """Ops that reduce over an axis, and how simulation makes them count only kept entries."""
+
+VALUE_OPS = frozenset(
+    {op for op, rule in pointwise.RULES.items() if rule is pointwise.pointwise} | {F.scaled_dot_product_attention}
+)
+"""Ops that compute with the values of their scalar arguments (not with sizes, as ``view`` does)."""
 
 DIVISIONS = {operator.truediv, torch.div, torch.true_divide, "div", "div_", "true_divide", _ATEN.div, _ATEN.div_}
 """Divisions whose masked divisor :func:`_safe_divisor` makes non-zero in removed positions."""

@@ -20,6 +20,7 @@ keep their fully qualified names, or raise :class:`TraceError` with the reason.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import itertools
 import logging
@@ -29,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.export import Dim
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
@@ -38,7 +40,93 @@ from .errors import TraceError
 SHAPE_LOGGER = "torch.fx.experimental.symbolic_shapes"
 """The torch logger that warns, as export fails, about sizes it could not trace to user code."""
 
-__all__ = ["trace_export", "trace_fx", "trace_record"]
+__all__ = ["AtenGraph", "static_dims", "trace_export", "trace_fx", "trace_record"]
+
+
+MODE_ARGUMENTS = {"batch_norm": "training", "dropout": "train", "feature_dropout": "train",
+                  "alpha_dropout": "train", "feature_alpha_dropout": "train",}
+"""ATen ops whose behaviour in train and eval mode is an argument, and that argument's name."""
+
+
+class AtenGraph(fx.GraphModule):
+    """The graph of an ATen frontend (torch.export or the recording tracer) as a module
+    that can switch between train and eval mode.
+
+    ``ExportedProgram.module()`` refuses ``train()``; here ``train(mode)`` sets the mode
+    arguments of batch norm and dropout ops (:data:`MODE_ARGUMENTS`) so the graph fine-tunes
+    like the model: batch statistics and dropout in train mode. Branches of the model's
+    Python code that read ``self.training`` were traced in the mode the model had.
+    """
+
+    def train(self, mode: bool = True) -> "AtenGraph":
+        changed = False
+        for node in self.graph.nodes:
+            name = getattr(getattr(node.target, "overloadpacket", None), "__name__", "")
+            argument = MODE_ARGUMENTS.get(name)
+            if argument is None:
+                continue
+            changed |= _set_argument(node, argument, mode)
+        if changed:
+            self.recompile()
+        nn.Module.train(self, mode)
+        return self
+
+
+def _set_argument(node: fx.Node, name: str, value: Any) -> bool:
+    """Set the ATen op's argument ``name`` (found in its schema); whether it changed."""
+    for i, a in enumerate(node.target._schema.arguments):  # type: ignore[union-attr]
+        if a.name != name:
+            continue
+        if i < len(node.args):
+            if node.args[i] == value:
+                return False
+            node.args = (*node.args[:i], value, *node.args[i + 1 :])
+        else:
+            if node.kwargs.get(name, a.default_value if a.has_default_value() else None) == value:
+                return False
+            node.kwargs = {**node.kwargs, name: value}
+        return True
+    return False
+
+
+def _aten_graph(gm: fx.GraphModule, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> AtenGraph:
+    """``gm``'s graph and attributes as an :class:`AtenGraph` in the model's mode, called as
+    the model is (:class:`CallLikeModel`)."""
+    result = AtenGraph(gm, gm.graph, type(model).__name__)
+    nn.Module.train(result, model.training)
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return result
+    fixed = {k: v for k, v in kwargs.items() if not _tensors(v)}  # use_cache=False and other plain values
+    result.register_forward_pre_hook(CallLikeModel(signature, len(args), list(kwargs), fixed), with_kwargs=True)
+    return result
+
+
+class CallLikeModel:
+    """A forward pre-hook that lets a graph traced with some inputs given by keyword (and
+    some plain values, such as ``use_cache=False``, fixed) be called as the model's own
+    ``forward``: positional or keyword, the fixed values filled in."""
+
+    def __init__(self, signature: inspect.Signature, positional: int, keywords: list[str], fixed: dict[str, Any]):
+        self.signature = signature
+        self.positional = positional
+        self.keywords = keywords
+        self.fixed = fixed
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if len(args) == self.positional and list(kwargs) == self.keywords:
+            return None
+        try:
+            given = self.signature.bind_partial(*args, **kwargs).arguments
+        except TypeError:
+            return None  # let the graph say what it expected
+        names = list(self.signature.parameters)
+        merged = {**self.fixed, **given}
+        missing = [n for n in (*names[: self.positional], *self.keywords) if n not in merged]
+        if missing:
+            return None
+        return tuple(merged[n] for n in names[: self.positional]), {k: merged[k] for k in self.keywords}
 
 
 class _LeafTracer(fx.Tracer):
@@ -105,7 +193,15 @@ def trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     buffers of the graph module, as in an fx graph; each ``get_attr`` is
     moved just before its first use, so that the rules meet parameters in the order the
     model uses them, as in an fx graph. The graph calls ``_guards_fn`` on the inputs
-    (export's checks of the shapes it specialized to) and keeps every size static.
+    (export's checks of the shapes it specialized to).
+
+    Every dimension of every tensor input is exported as ``Dim.AUTO`` (a batch of one as a
+    batch of two, see :func:`_export`): export keeps a dimension dynamic unless the
+    model's code fixes it (a flatten into a linear layer fixes the image size), so the
+    graph runs at other batch sizes and, where the model allows, other sequence lengths
+    and image sizes; node values describe the example as exported. :func:`static_dims`
+    tells which dimensions stayed static. A model that cannot be exported so is exported
+    with every size static.
 
     Export runs no real kernels (fake tensors), so a model on the ``meta`` device
     works; example inputs are moved to the device of the model's parameters (a meta
@@ -128,10 +224,7 @@ def trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     printed = io.StringIO()
     try:
         with contextlib.redirect_stderr(printed), _quiet(SHAPE_LOGGER):
-            if device is not None and device.type == "meta":
-                exported = _export_meta(model, args, kwargs)
-            else:
-                exported = torch.export.export(model, args, kwargs, strict=False)
+            exported = _export(model, args, kwargs, meta=device is not None and device.type == "meta")
     except Exception as exc:  # export raises many types; all mean "cannot trace"
         # export prints the graph it had traced so far (often megabytes) before raising: the
         # reason is in the TraceError, and "auto" goes on to the next frontend
@@ -147,7 +240,7 @@ def trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
             _set_tensor(gm, name, t)  # the graph reads the model's own (meta) tensors again
     _constants_as_buffers(gm, exported.graph_signature.lifted_tensor_constants)
     _attributes_before_first_use(gm)
-    return gm
+    return _aten_graph(gm, model, args, kwargs)
 
 
 def trace_record(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> fx.GraphModule:
@@ -227,7 +320,7 @@ def _named_state(recorded: fx.GraphModule, model: nn.Module, names: list[str], i
     graph._codegen = _PyTreeCodeGen(_PyTreeInfo(arg_names, spec, out_spec))
     gm = fx.GraphModule(owned, graph, type(model).__name__)
     _attributes_before_first_use(gm)
-    return gm
+    return _aten_graph(gm, model, *inputs)
 
 
 def _is_parameter(model: nn.Module, name: str) -> bool:
@@ -235,7 +328,67 @@ def _is_parameter(model: nn.Module, name: str) -> bool:
     return attr in model.get_submodule(owner)._parameters
 
 
-def _export_meta(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], meta: bool) -> Any:
+    """``torch.export.export`` with every input dimension ``Dim.AUTO``; with every size
+    static when that fails.
+
+    Export fixes a dimension of size 1 (it cannot tell a broadcast from a batch of one), so
+    inputs with a batch of one are exported with a batch of two: export then keeps the
+    batch dynamic, and its guards reject a batch of one only where the model's code treats
+    it differently."""
+    run = _export_meta if meta else _export_real
+    try:
+        wide_args, wide_kwargs = tree_map(_batch_of_two, (args, kwargs))
+        return run(model, wide_args, wide_kwargs, _dynamic_shapes(model, wide_args, wide_kwargs))
+    except Exception:  # noqa: BLE001 -- a model whose sizes cannot be symbolic is exported as it is
+        return run(model, args, kwargs, None)
+
+
+def _batch_of_two(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == 1:
+        return value.expand(2, *value.shape[1:]).contiguous()
+    return value
+
+
+def _export_real(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic: Any) -> Any:
+    return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
+
+
+def _dynamic_shapes(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """``Dim.AUTO`` for every dimension of every tensor input, keyed by forward's parameter
+    names as export binds them (None when forward's signature cannot bind the inputs)."""
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+
+    def auto(value: Any) -> Any:
+        return {d: Dim.AUTO for d in range(value.dim())} if isinstance(value, torch.Tensor) else None
+
+    return {name: tree_map(auto, value) for name, value in bound.arguments.items()}
+
+
+def static_dims(gm: fx.GraphModule) -> dict[str, tuple[int, ...]]:
+    """For each input placeholder of an exported graph, the dimensions export kept static.
+
+    >>> gm = trace_export(torch.nn.Linear(3, 2), (torch.zeros(1, 5, 3),))
+    >>> static_dims(gm)
+    {'input': (2,)}
+    """
+    found = {}
+    for node in gm.graph.nodes:
+        value = node.meta.get("val")
+        if node.op == "placeholder" and isinstance(value, torch.Tensor):
+            found[str(node.target)] = tuple(d for d, n in enumerate(value.shape) if not _symbolic(n))
+    return found
+
+
+def _symbolic(n: Any) -> bool:
+    """Whether a size is symbolic (export may hand over a size it fixed as a SymInt of a number)."""
+    return isinstance(n, torch.SymInt) and bool(n.node.expr.free_symbols)
+
+
+def _export_meta(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic: Any) -> Any:
     """Export a model whose tensors live on ``meta`` as if they lived on the CPU.
 
     Some forwards cannot run on the meta device even symbolically (Hugging Face's rotary
@@ -257,7 +410,7 @@ def _export_meta(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     state.update({name: fake(b) for name, b in model.named_buffers()})
     args, kwargs = tree_map(lambda t: fake(t) if isinstance(t, torch.Tensor) else t, (args, kwargs))
     with _reparametrize_module(model, state):
-        return torch.export.export(model, args, kwargs, strict=False)
+        return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
 
 
 def _set_tensor(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:

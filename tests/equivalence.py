@@ -210,7 +210,7 @@ def outputs_of(gm: fx.GraphModule, names: list[str]) -> fx.GraphModule:
     """``gm`` cut after the nodes ``names``, returning their values (what a recorded detector
     computes before its first data-dependent op can be compared on its own)."""
     nodes = {n.name: n for n in gm.graph.nodes}
-    graph, env = fx.Graph(), {}
+    graph, env = fx.Graph(owning_module=gm), {}
     for node in gm.graph.nodes:
         env[node] = graph.node_copy(node, lambda n: env[n])
         if all(nodes[k] in env for k in names):

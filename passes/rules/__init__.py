@@ -72,10 +72,22 @@ def _node_axes(cx: Context, node: fx.Node, table: dict[object, Rule]) -> Axes:
     rule = table.get(key)
     if rule is not None:
         return rule(cx, node)
+    if not node.op == "call_module" and not _holds_tensor(value) and not any(map(cx.is_tensor, node.all_input_nodes)):
+        return None  # arithmetic on sizes (torch.sym_min, math.ceil, ...): no axes in, none out
     lowered = aten.lower(cx, node) if table is RULES else None
     if lowered is not None:
         return lowered
     return _unsupported(cx, node, f"no rule for {_op_name(node)}")
+
+
+def _holds_tensor(value: object) -> bool:
+    if isinstance(value, TensorMeta):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_holds_tensor(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_tensor(v) for v in value.values())
+    return False
 
 
 def _unsupported(cx: Context, node: fx.Node, reason: str) -> Axes:

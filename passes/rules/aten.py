@@ -45,7 +45,7 @@ from ..dims import ONE, Atom, Expr, Product, atoms_of
 from ..meta import VALUE, TensorMeta
 from ..shapes import describe
 from . import attention, layers, pointwise, reduce, shape_ops
-from .context import Axes, Context, Rule, arg
+from .context import Axes, Context, Literal, Rule, arg
 
 __all__ = ["ATEN_RULES", "EXPORT_RULES", "LOWERED_RULES", "AtenRules", "ExportRules", "clear_cache", "lower"]
 
@@ -143,10 +143,12 @@ def convolution(cx: Context, node: fx.Node) -> Axes:
     """convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding,
     groups): as the Conv modules, with weight and bias from the graph."""
     bias = arg(node, 2, "bias")
-    return layers._conv(
+    axes, group = layers._conv(
         cx, cx.of(node.args[0]), cx.of(node.args[1]), cx.of(bias) if bias is not None else None,
-        arg(node, 8, "groups", 1), cx.out(node).shape, bool(arg(node, 6, "transposed", False)),
+        cx.value(arg(node, 8, "groups", 1)), cx.out(node).shape, bool(arg(node, 6, "transposed", False)),
     )
+    cx.measure(node, Literal(8, "groups"), group)
+    return axes
 
 
 def native_layer_norm(cx: Context, node: fx.Node) -> Axes:
@@ -154,7 +156,7 @@ def native_layer_norm(cx: Context, node: fx.Node) -> Axes:
     as layer_norm; mean and rstd keep the unnormalized leading axes."""
     x = layers.f_layer_norm(cx, node)
     assert isinstance(x, tuple)
-    return _with_saved(cx, node, x, x[: len(x) - len(arg(node, 1, "normalized_shape"))])
+    return _with_saved(cx, node, x, x[: len(x) - len(cx.value(arg(node, 1, "normalized_shape")))])
 
 
 def native_batch_norm(cx: Context, node: fx.Node) -> Axes:
@@ -170,8 +172,9 @@ def native_group_norm(cx: Context, node: fx.Node) -> Axes:
     """native_group_norm(input, weight, bias, N, C, HxW, group, eps) -> (out, mean, rstd):
     channels = Product(groups, channels per group); mean and rstd are (batch, groups)."""
     x = cx.of(node.args[0])
-    groups = cx.new(arg(node, 6, "group"))
-    cx.unify(x[1], Product((groups, cx.new(x[1].size // groups.size))))
+    groups = layers.groups_of(cx, x[1], cx.value(arg(node, 6, "group")))
+    cx.measure(node, Literal(6, "group"), groups)
+    cx.measure(node, Literal(4, "C"), x[1])
     layers._per_channel(cx, x[1], layers._values(cx, node, ((1, "weight"), (2, "bias"))))
     return _with_saved(cx, node, x, (x[0], groups))
 

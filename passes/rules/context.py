@@ -17,7 +17,8 @@ from torch import fx, nn
 from ..dims import ONE, Expr, Unifier
 from ..meta import VALUE, TensorMeta
 
-__all__ = ["Axes", "Context", "Rule", "Unsupported", "arg", "tensor_args", "iter_exprs", "broadcast"]
+__all__ = ["Axes", "Context", "Literal", "Measured", "Rule", "Unsupported", "arg", "tensor_args", "iter_exprs",
+           "broadcast"]
 
 Axes = Union[tuple[Expr, ...], list["Axes"], dict[Any, "Axes"], None]
 Rule = Callable[["Context", fx.Node], Axes]
@@ -32,6 +33,20 @@ class Unsupported:
     reason: str
 
 
+@dataclass(frozen=True)
+class Literal:
+    """Where a size sits in a call: argument ``index`` (positional) or ``name`` (keyword) of
+    the op, or, with ``attr``, the attribute ``name`` of the called module."""
+
+    index: int | None
+    name: str
+    attr: bool = False
+
+
+Measured = Union[Expr, tuple[Expr, ...]]
+"""What a literal measures: one axis (a count), or several (a shape such as normalized_shape)."""
+
+
 class Context:
     """State shared by rules while one graph is related: the unifier, every node's
     axes, and the axes of every parameter and buffer (by canonical name)."""
@@ -42,6 +57,7 @@ class Context:
         self.axes: dict[fx.Node, Axes] = {}
         self.params: dict[str, tuple[Expr, ...]] = {}
         self.unsupported: list[Unsupported] = []
+        self.literals: dict[fx.Node, list[tuple[Literal, Measured]]] = {}
         self.result: Axes = None
         self._canonical = _canonical_names(gm)
         self._modules = dict(gm.named_modules())
@@ -103,6 +119,12 @@ class Context:
     def unify_all(self, left: tuple[Expr, ...], right: tuple[Expr, ...]) -> None:
         for a, b in zip(left, right, strict=True):
             self.u.unify(a, b)
+
+    def measure(self, node: fx.Node, where: Literal, measured: Measured) -> None:
+        """State that the size at ``where`` in ``node``'s call counts the units of
+        ``measured`` (a number of groups counts a group atom; a normalized shape, the
+        normalized axes): pruning rewrites it to the kept count (:mod:`passes.shrink`)."""
+        self.literals.setdefault(node, []).append((where, measured))
 
     def pin(self, axes: Axes, reason: str) -> None:
         """Pin every expression in an Axes structure."""

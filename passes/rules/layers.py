@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..dims import Expr, Product
-from .context import Axes, Context, arg
+from .context import Axes, Context, Literal, arg
 
 __all__ = ["RULES"]
 
@@ -22,8 +22,9 @@ SPATIAL = "spatial size computed by a convolution or pooling"
 def _conv(
     cx: Context, x: tuple[Expr, ...], w: tuple[Expr, ...], bias: tuple[Expr, ...] | None, groups: int,
     out: tuple[int, ...], transposed: bool,
-) -> Axes:
-    """Relate a convolution's input, weight, bias and output channels; pin the kernel axes."""
+) -> tuple[Axes, Expr]:
+    """Relate a convolution's input, weight, bias and output channels; pin the kernel axes.
+    Returns the output's axes and the axis of the groups (what ``groups`` counts)."""
     for k in w[2:]:
         cx.u.pin(k, KERNEL)
     ch = 1 if len(x) == len(w) else 0
@@ -41,7 +42,7 @@ def _conv(
         y_ch = w_out
     if bias is not None:
         cx.unify(bias[0], y_ch)
-    return (*x[:ch], y_ch, *cx.fresh(out[ch + 1 :], SPATIAL))
+    return (*x[:ch], y_ch, *cx.fresh(out[ch + 1 :], SPATIAL)), group
 
 
 def _int_attr(cx: Context, node: fx.Node, name: str) -> int:
@@ -52,8 +53,10 @@ def _int_attr(cx: Context, node: fx.Node, name: str) -> int:
 def _conv_module(cx: Context, node: fx.Node, transposed: bool) -> Axes:
     w = cx.param(f"{node.target}.weight")
     bias = cx.module_param(node, "bias")
-    groups = _int_attr(cx, node, "groups")
-    return _conv(cx, cx.of(node.args[0]), w, bias, groups, cx.out(node).shape, transposed)
+    axes, group = _conv(cx, cx.of(node.args[0]), w, bias, _int_attr(cx, node, "groups"), cx.out(node).shape,
+                        transposed)
+    cx.measure(node, Literal(None, "groups", attr=True), group)
+    return axes
 
 
 def conv(cx: Context, node: fx.Node) -> Axes:
@@ -71,9 +74,11 @@ def conv_transpose(cx: Context, node: fx.Node) -> Axes:
 def _f_conv(cx: Context, node: fx.Node, transposed: bool) -> Axes:
     b = arg(node, 2, "bias")
     bias = cx.of(b) if b is not None else None
-    groups = arg(node, 6, "groups", 1)
+    groups = cx.value(arg(node, 6, "groups", 1))  # a literal, or a size computed in the graph
     x, w = cx.of(node.args[0]), cx.of(arg(node, 1, "weight"))
-    return _conv(cx, x, w, bias, groups, cx.out(node).shape, transposed)
+    axes, group = _conv(cx, x, w, bias, groups, cx.out(node).shape, transposed)
+    cx.measure(node, Literal(6, "groups"), group)
+    return axes
 
 
 def f_conv(cx: Context, node: fx.Node) -> Axes:
@@ -167,28 +172,39 @@ def _trailing(cx: Context, x: tuple[Expr, ...], tensors: list[tuple[Expr, ...] |
 
 
 def layer_norm(cx: Context, node: fx.Node) -> Axes:
-    """LayerNorm/RMSNorm: weight and bias axes are the trailing normalized axes."""
+    """LayerNorm/RMSNorm: weight and bias axes are the trailing normalized axes, which
+    ``normalized_shape`` measures."""
     x = cx.of(node.args[0])
     _trailing(cx, x, _module_state(cx, node, ("weight", "bias")))
+    k = len(cx.module(node).normalized_shape)
+    cx.measure(node, Literal(None, "normalized_shape", attr=True), x[len(x) - k :])
     return x
 
 
 def f_layer_norm(cx: Context, node: fx.Node) -> Axes:
     """F.layer_norm(x, shape, weight, bias) and F.rms_norm(x, shape, weight): weight and
-    bias are the trailing normalized axes."""
+    bias are the trailing normalized axes, which ``shape`` measures."""
     x = cx.of(node.args[0])
     _trailing(cx, x, _values(cx, node, ((2, "weight"), (3, "bias"))))
+    shape = cx.value(arg(node, 1, "normalized_shape"))
+    k = 1 if isinstance(shape, int) else len(shape)
+    cx.measure(node, Literal(1, "normalized_shape"), x[len(x) - k :])
     return x
 
 
-def _groups(cx: Context, channel: Expr, num_groups: int) -> None:
-    cx.unify(channel, Product((cx.new(num_groups), cx.new(channel.size // num_groups))))
+def groups_of(cx: Context, channel: Expr, num_groups: int) -> Expr:
+    """State channel = Product(groups, channels per group); return the groups' axis."""
+    groups = cx.new(num_groups)
+    cx.unify(channel, Product((groups, cx.new(channel.size // num_groups))))
+    return groups
 
 
 def group_norm(cx: Context, node: fx.Node) -> Axes:
-    """GroupNorm: channels = Product(groups, channels per group); weight and bias follow."""
+    """GroupNorm: channels = Product(groups, channels per group), ``num_groups`` measures the
+    groups; weight and bias follow the channels."""
     x = cx.of(node.args[0])
-    _groups(cx, x[1], _int_attr(cx, node, "num_groups"))
+    groups = groups_of(cx, x[1], _int_attr(cx, node, "num_groups"))
+    cx.measure(node, Literal(None, "num_groups", attr=True), groups)
     _per_channel(cx, x[1], _module_state(cx, node, ("weight", "bias")))
     return x
 
@@ -196,7 +212,8 @@ def group_norm(cx: Context, node: fx.Node) -> Axes:
 def f_group_norm(cx: Context, node: fx.Node) -> Axes:
     """F.group_norm(x, num_groups, weight, bias): as the module."""
     x = cx.of(node.args[0])
-    _groups(cx, x[1], arg(node, 1, "num_groups"))
+    groups = groups_of(cx, x[1], cx.value(arg(node, 1, "num_groups")))
+    cx.measure(node, Literal(1, "num_groups"), groups)
     _per_channel(cx, x[1], _values(cx, node, ((2, "weight"), (3, "bias"))))
     return x
 

@@ -9,6 +9,8 @@ the two agree). Sorting reorders positions along its axis, which is pinned.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -23,6 +25,11 @@ RESIZED = "spatial size computed by pooling or resizing"
 POOLED = "pooled or resized along this axis (positions are mixed)"
 SORTED = "sorted or selected along this axis (positions are reordered)"
 UNKNOWN_DIMS = "a reduction whose reduced axes the rule could not tell"
+POSITIONAL = ("reduced by an order statistic or an arg-reduction (median, mode, kthvalue, argmax, indices of max): "
+              "its result depends on positions along this axis")
+ORDER_STATISTICS = frozenset({"median", "nanmedian", "mode", "kthvalue", "argmax", "argmin", "aminmax"})
+"""Reductions whose result (a chosen element, or its position) changes when units are removed
+in a way no mask reproduces: the reduced axes are pinned."""
 
 
 def _first_shape(value: object) -> tuple[int, ...]:
@@ -76,7 +83,18 @@ def reduction(cx: Context, node: fx.Node) -> Axes:
     if axes is None or tuple(e.size for e in axes) != out:
         cx.pin(x, UNKNOWN_DIMS)
         return cx.pinned_like(value, UNKNOWN_DIMS)
+    if _op_name(node) in ORDER_STATISTICS or _indices_used(node):
+        assert dims is not None
+        cx.pin(tuple(x[d] for d in dims), POSITIONAL)
     return _like_value(value, axes)
+
+
+def _indices_used(node: fx.Node) -> bool:
+    """Whether the indices a max/min over a dim returns (``.indices``, ``[1]``) are read."""
+    return any(
+        (u.target is operator.getitem and u.args[1] == 1) or (u.target is getattr and u.args[1] == "indices")
+        for u in node.users if u.users
+    )
 
 
 def _reduced(cx: Context, node: fx.Node, ndim: int) -> set[int] | None:

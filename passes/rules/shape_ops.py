@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from ..dims import ONE, Concat, Expr, Product
-from .context import Axes, Context, arg
+from .context import Axes, Context, Literal, arg
 
 __all__ = ["RULES"]
 
@@ -117,11 +117,13 @@ def squeeze(cx: Context, node: fx.Node) -> Axes:
 
 
 def channel_shuffle(cx: Context, node: fx.Node) -> Axes:
-    """channel_shuffle(x, g): channels Product(g, c) come out as Product(c, g)."""
+    """channel_shuffle(x, g): channels Product(g, c) come out as Product(c, g); ``g``
+    measures the groups."""
     x = cx.of(node.args[0])
     groups = cx.value(arg(node, 1, "groups"))
     g, per_group = cx.new(groups), cx.new(x[1].size // groups)
     cx.unify(x[1], Product((g, per_group)))
+    cx.measure(node, Literal(1, "groups"), g)
     return (x[0], Product((per_group, g)), *x[2:])
 
 

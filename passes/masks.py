@@ -1,0 +1,124 @@
+"""Masks of activations whose sizes may differ from the example's at run time.
+
+A pruned axis of an activation is often a product or a concatenation with axes that
+follow the input: ``Product(batch, heads)`` after a reshape into heads, ``Concat(cls,
+tokens)`` after a learned token is prepended. A mask computed once for the example's
+sizes fails at another batch size. :class:`AxisMask` keeps, per dimension, the
+structure of the axis (:class:`Spec`) and builds the mask for each shape it meets:
+pruned atoms have fixed sizes, and in a product or concatenation at most one part may
+change size (it is inferred from the runtime size; the batch of ``batch * heads``).
+
+>>> from passes.dims import Unifier, Product
+>>> from passes.dims import Sizes
+>>> u = Unifier(); batch, heads = u.new(2), u.new(3)
+>>> spec = spec_of(Product((batch, heads)), Sizes({heads: torch.tensor([1])}))
+>>> runtime_mask(spec, 9).int().tolist()
+[1, 0, 1, 1, 0, 1, 1, 0, 1]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .dims import Atom, Concat, Expr, Product, Sizes
+
+__all__ = ["AxisMask", "Spec", "spec_of", "runtime_mask"]
+
+
+@dataclass(frozen=True, eq=False)
+class Spec:
+    """One axis: ``kind`` ("atom", "product" or "concat"), its size in the example,
+    ``keep`` (the kept units of a pruned atom), its ``parts``, and whether its size is
+    ``fixed`` (it holds pruned atoms only) or ``touched`` (it holds a pruned atom)."""
+
+    kind: str
+    size: int
+    keep: torch.Tensor | None = None
+    parts: tuple["Spec", ...] = ()
+
+    @property
+    def touched(self) -> bool:
+        return self.keep is not None or any(p.touched for p in self.parts)
+
+    @property
+    def fixed(self) -> bool:
+        return self.keep is not None if self.kind == "atom" else all(p.fixed for p in self.parts)
+
+
+def spec_of(expr: Expr, sizes: Sizes) -> Spec:
+    """The structure of a resolved axis expression under the removed units of ``sizes``."""
+    if isinstance(expr, Atom):
+        return Spec("atom", expr.size, sizes.mask(expr) if expr in sizes.removed else None)
+    if isinstance(expr, Product):
+        return Spec("product", expr.size, parts=tuple(spec_of(f, sizes) for f in expr.factors))
+    assert isinstance(expr, Concat)
+    return Spec("concat", expr.size, parts=tuple(spec_of(p, sizes) for p in expr.parts))
+
+
+def runtime_mask(spec: Spec, n: int) -> torch.Tensor:
+    """Kept entries (bool, length ``n``) of an axis of structure ``spec`` and size ``n``."""
+    if not spec.touched:
+        return torch.ones(n, dtype=torch.bool)
+    if spec.kind == "atom":
+        if n != spec.size:
+            raise RuntimeError(f"a pruned axis of {spec.size} units has {n} entries at run time")
+        assert spec.keep is not None
+        return spec.keep
+    sizes = _part_sizes(spec, n)
+    masks = [runtime_mask(p, s) for p, s in zip(spec.parts, sizes)]
+    if spec.kind == "concat":
+        return torch.cat(masks)
+    mask = torch.ones(1, dtype=torch.bool)
+    for m in masks:
+        mask = (mask[:, None] & m[None, :]).reshape(-1)
+    return mask
+
+
+def _part_sizes(spec: Spec, n: int) -> list[int]:
+    """Sizes of the parts when the whole has ``n`` entries: the example's, or the one part
+    that may change size takes what the others leave."""
+    sizes = [p.size for p in spec.parts]
+    if n == spec.size:
+        return sizes
+    free = [i for i, p in enumerate(spec.parts) if not p.fixed]
+    if len(free) != 1:
+        raise RuntimeError(
+            f"a masked axis of {spec.size} entries has {n} at run time, and {len(free)} of its parts could have "
+            "changed size: the mask cannot be placed (run the simulated model at the example's sizes)"
+        )
+    (i,) = free
+    rest = math.prod(sizes[:i] + sizes[i + 1 :]) if spec.kind == "product" else sum(sizes[:i] + sizes[i + 1 :])
+    sizes[i] = n // rest if spec.kind == "product" else n - rest
+    return sizes
+
+
+class AxisMask(nn.Module):
+    """``forward(x)``: a mask of ``x``'s dtype, 1 on kept entries and 0 on removed ones, of
+    ``x``'s rank with size 1 on axes that lose nothing (cached per shape)."""
+
+    def __init__(self, specs: list[Spec | None]) -> None:
+        super().__init__()
+        self.specs = specs
+        self._cache: dict[Any, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        key = (tuple(x.shape), x.dtype, x.device)
+        mask = self._cache.get(key)
+        if mask is None:
+            mask = torch.ones((1,) * x.dim(), dtype=x.dtype, device=x.device)
+            for d, spec in enumerate(self.specs):
+                if spec is not None and spec.touched:
+                    shape = [1] * x.dim()
+                    shape[d] = x.shape[d]
+                    vector = runtime_mask(spec, x.shape[d]).to(device=x.device, dtype=x.dtype)
+                    mask = mask * vector.reshape(shape)
+            self._cache[key] = mask
+        return mask
+
+    def extra_repr(self) -> str:
+        return f"dims={[d for d, s in enumerate(self.specs) if s is not None and s.touched]}"
