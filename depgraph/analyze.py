@@ -15,7 +15,7 @@ from passes.meta import TensorMeta
 from passes.rules import MODULE_TYPES, Context, relate
 from passes.rules.aten import EXPORT_RULES
 from passes.shapes import describe_traced, propagate_shapes
-from passes.trace import trace_export, trace_fx, trace_record
+from passes.trace import preserved_attributes, trace_export, trace_fx, trace_record
 
 from .couple import couple
 from .groups import Analysis
@@ -101,22 +101,28 @@ def analyze(
     _check_names(model, exclude, "exclude")
     notes: list[str] = []
     try:
-        gm, used, args, kwargs = _trace(model, args, kwargs, tracer, leaf_modules, example_inputs is None, notes)
+        with preserved_attributes(model):
+            gm, used, args, kwargs = _trace(model, args, kwargs, tracer, leaf_modules, example_inputs is None, notes)
     except (TraceError, ShapeError) as exc:
         if example_inputs is not None:
             raise
         shapes = [tuple(a.shape) for a in args]
         raise type(exc)(f"{exc}. The example input was inferred as zeros of shape {shapes}; "
                         "pass example_inputs= with the shape the model expects") from exc
-    cx = relate(gm, rules=EXPORT_RULES if used in ATEN_TRACERS else None)
+    rules = EXPORT_RULES if used in ATEN_TRACERS else None
+    cx = relate(gm, rules=rules)
+    with preserved_attributes(model):
+        other = _other_mode(model, gm, args, kwargs, used, leaf_modules, notes)
+    others = () if other is None else (relate(other, cx.u, rules=rules, params=cx.params),)
     _exclude(cx, exclude)
-    coupling = couple(cx)
+    coupling = couple(cx, others)
     analysis = Analysis(
         coupling.groups, coupling.pinned, cx.unsupported, gm,
         seconds=time.perf_counter() - start,
         params=coupling.params, nodes=coupling.nodes, literals=coupling.literals, model=model,
         inputs=args if used == "record" else tuple(_describe_input(a) for a in args), tracer=used, notes=notes,
         keywords={k: _describe_input(v) for k, v in kwargs.items()} if used == "export" else {},
+        others=coupling.others,
     )
     return analysis
 
@@ -171,6 +177,48 @@ def _without_cache(
     if NO_CACHE not in notes:
         notes.append(NO_CACHE)
     return (), {**bound, "use_cache": False}
+
+
+def _other_mode(
+    model: nn.Module, gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any], used: str,
+    leaf_modules: Collection[str], notes: list[str],
+) -> fx.GraphModule | None:
+    """The model traced in the other train/eval mode, when the graph leaves parameters
+    unreached and that mode reaches some (an auxiliary classifier run only in training);
+    None otherwise. The modules' own modes are restored afterwards."""
+    if used == "record":
+        return None
+    reached = _reached(gm)
+    missing = {name for name, _ in model.named_parameters()} - reached
+    if not missing:
+        return None
+    modes = [(m, m.training) for m in model.modules()]
+    model.train(not model.training)
+    try:
+        other = _FRONTENDS[used](model, args, kwargs, leaf_modules, False)
+    except (TraceError, ShapeError):
+        return None
+    finally:
+        for m, training in modes:
+            m.training = training
+    if not _reached(other) & missing:
+        return None
+    mode = "train" if not model.training else "eval"
+    notes.append(f"also traced in {mode} mode, which reaches parameters the {('eval', 'train')[model.training]} "
+                 f"graph does not (of {sorted(missing)[0].rpartition('.')[0] or sorted(missing)[0]}): "
+                 "pruning keeps them in step")
+    return other
+
+
+def _reached(gm: fx.GraphModule) -> set[str]:
+    """Names of the parameters a graph reads (directly, or through a module it calls)."""
+    found: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.users:
+            found.add(str(node.target))
+        elif node.op == "call_module":
+            found.update(f"{node.target}.{n}" for n, _ in gm.get_submodule(str(node.target)).named_parameters())
+    return found
 
 
 def _unusable(tracer: str, kwargs: dict[str, Any], leaf_modules: Collection[str]) -> str | None:

@@ -13,6 +13,8 @@ from passes.errors import DepgraphError, PlanError
 from passes.meta import TensorMeta
 from passes.shrink import Sizes, shrink
 from passes.simulate import remove_simulation, simulate_graph
+from passes.trace import drop_cached_tensors
+from passes.verify import batch_failure, class_mismatch
 
 from .analyze import analyze
 from .groups import Analysis
@@ -21,7 +23,7 @@ from .plan import Plan
 __all__ = ["prune", "simulate", "unsimulate"]
 
 
-def prune(model: nn.Module, plan: Plan, inplace: bool = False) -> nn.Module:
+def prune(model: nn.Module, plan: Plan, inplace: bool = False, check: bool = True) -> nn.Module:
     """A physically smaller model that computes what ``simulate(model, plan)`` computes.
 
     Every member is sliced; module attributes (``in_channels``, ``groups``,
@@ -33,7 +35,14 @@ def prune(model: nn.Module, plan: Plan, inplace: bool = False) -> nn.Module:
     ``config`` are updated too, and the model's own class is returned when its forward
     gives the rewritten graph's outputs on the example inputs (the graph otherwise; a
     warning says when the config cannot describe the pruned sizes). ``model`` is
-    untouched unless ``inplace``.
+    untouched unless ``inplace``. Tensors cached in dicts by the model's modules (timm's
+    attention-bias caches) are dropped: they were computed from the unpruned weights.
+
+    With ``check`` (the default) the result is verified before it is returned: the model's
+    own class must compute what the rewritten graph computes on the example inputs, and
+    the result must run at another batch size wherever the original does (on meta
+    tensors); otherwise a :class:`~depgraph.PlanError` names the module that goes wrong.
+    ``check=False`` skips this (one forward pass on the example inputs) for very large models.
 
     Examples
     --------
@@ -45,12 +54,34 @@ def prune(model: nn.Module, plan: Plan, inplace: bool = False) -> nn.Module:
     (torch.Size([3, 4]), 3, torch.Size([8, 4]))
     """
     target, analysis, removed = _prepare(model, plan, inplace)
-    changed = shrink(analysis.graph, analysis.params, analysis.nodes, removed, root=target, literals=analysis.literals)
+    drop_cached_tensors(target)  # computed from the old weights
+    changed = shrink(analysis.graph, analysis.params, analysis.nodes, removed, root=target, literals=analysis.literals,
+                     others=analysis.others)
+    inputs = (plan.inputs, plan.keywords)
     if analysis.tracer in ("export", "record"):
         # the graph calls no modules: set their attributes from its ops, keep the class if it runs alike
-        inputs, recorded = (plan.inputs, plan.keywords), analysis.tracer == "record"
-        return adopt(target, analysis.graph, analysis.params, analysis.nodes, Sizes(removed), inputs, recorded)
-    return analysis.graph if changed else target
+        result = adopt(target, analysis.graph, analysis.params, analysis.nodes, Sizes(removed), inputs,
+                       analysis.tracer == "record")
+    else:
+        result = analysis.graph if changed else target
+    if check:
+        _verify(result, analysis, model, inputs)
+    return result
+
+
+def _verify(result: nn.Module, analysis: Analysis, model: nn.Module, inputs: Any) -> None:
+    """Raise PlanError where the pruned model goes wrong (see :func:`prune`)."""
+    problem = None
+    if result is not analysis.graph and analysis.tracer == "fx":
+        problem = class_mismatch(result, analysis.graph, inputs)
+    if problem is None and analysis.tracer != "record":
+        problem = batch_failure(result, model, inputs)
+    if problem is not None:
+        raise PlanError(
+            f"the pruned {type(result).__name__} does not compute what the pruned graph computes: {problem}. This is "
+            "a depgraph defect or a module whose forward reads something pruning does not update; please report it "
+            "(prune(..., check=False) returns the model unverified)"
+        )
 
 
 def simulate(model: nn.Module, plan: Plan, inplace: bool = False) -> fx.GraphModule:

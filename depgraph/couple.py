@@ -4,6 +4,7 @@ the members that contain it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from passes.dims import Atom, Expr, Unifier, atoms_of
 from passes.meta import VALUE, TensorMeta
@@ -12,7 +13,18 @@ from passes.rules.context import Literal, Measured
 
 from .groups import ActivationMember, Group, Member, Pinned
 
-__all__ = ["Coupling", "couple"]
+__all__ = ["Coupling", "ModeGraph", "couple"]
+
+
+@dataclass
+class ModeGraph:
+    """A graph of the model traced in the other train/eval mode (it reaches parameters the
+    main graph does not: an auxiliary head run only in training), with its resolved node
+    axes and literals, so that pruning updates what only that mode runs."""
+
+    graph: Any
+    nodes: dict[str, Axes]
+    literals: dict[str, list[tuple[Literal, Measured]]]
 
 
 @dataclass
@@ -24,13 +36,16 @@ class Coupling:
     params: dict[str, tuple[Expr, ...]]
     nodes: dict[str, Axes]
     literals: dict[str, list[tuple[Literal, Measured]]]
+    others: list[ModeGraph]
 
 
-def couple(cx: Context) -> Coupling:
+def couple(cx: Context, others: tuple[Context, ...] = ()) -> Coupling:
     """Groups (unpinned atoms of size > 1 touching a parameter axis; buffer axes that
     contain the atom are members too) and the pinned atoms that touch parameters or
     buffers, both in order of first appearance. An atom that only buffers contain (the
-    unused tail of a ``position_ids`` buffer) is neither: nothing is learned there."""
+    unused tail of a ``position_ids`` buffer) is neither: nothing is learned there.
+    ``others``: graphs of the same model in the other train/eval mode, related with the
+    same unifier and parameters; their parameters count, their nodes are in ``Coupling.others``."""
     u = cx.u
     params = {name: tuple(u.resolve(e) for e in axes) for name, axes in cx.params.items()}
     members: dict[Atom, list[Member]] = {}
@@ -42,7 +57,7 @@ def couple(cx: Context) -> Coupling:
                     members.setdefault(atom, []).append(Member(name, dim, expr, atom))
                 else:
                     pinned.setdefault(atom, []).append((name, dim))
-    trainable = {name for name, _ in cx.gm.named_parameters()}
+    trainable = {name for c in (cx, *others) for name, _ in c.gm.named_parameters()}
     members = {atom: ms for atom, ms in members.items() if any(m.name in trainable for m in ms)}
     nodes = {node.name: _resolve(u, axes) for node, axes in cx.axes.items()}
     activations = _activation_members(cx, nodes, set(members))
@@ -51,11 +66,18 @@ def couple(cx: Context) -> Coupling:
         for i, (atom, ms) in enumerate(members.items())
     ]
     pins = [Pinned(a.size, u.pin_reason(a) or "", tuple(ms)) for a, ms in pinned.items()]
-    literals = {
-        node.name: [(where, _resolve_measured(u, measured)) for where, measured in found]
+    return Coupling(groups, pins, params, nodes, _literals(cx), [_other(c) for c in others])
+
+
+def _literals(cx: Context) -> dict[str, list[tuple[Literal, Measured]]]:
+    return {
+        node.name: [(where, _resolve_measured(cx.u, measured)) for where, measured in found]
         for node, found in cx.literals.items()
     }
-    return Coupling(groups, pins, params, nodes, literals)
+
+
+def _other(cx: Context) -> ModeGraph:
+    return ModeGraph(cx.gm, {node.name: _resolve(cx.u, axes) for node, axes in cx.axes.items()}, _literals(cx))
 
 
 def _resolve_measured(u: Unifier, measured: Measured) -> Measured:

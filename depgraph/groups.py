@@ -116,6 +116,8 @@ class Analysis:
     tracer: str = "fx"
     keywords: dict[str, Any] = field(repr=False, default_factory=dict)
     """The keyword example inputs of a torch.export analysis (metas for tensors, plain values)."""
+    others: list[Any] = field(repr=False, default_factory=list)
+    """Graphs of the model in the other train/eval mode (:class:`depgraph.couple.ModeGraph`)."""
     notes: list[str] = field(default_factory=list)
     """What the analysis changed or assumed to trace the model (``use_cache=False``), for people to read."""
 

@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_map
 from .errors import ShapeError
 from .meta import VALUE, TensorMeta
 
-__all__ = ["describe", "describe_traced", "propagate_shapes", "to_meta"]
+__all__ = ["describe", "describe_traced", "propagate_shapes", "refresh_flat_weights", "to_meta"]
 
 
 def to_meta(value: Any) -> Any:
@@ -138,8 +138,20 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> Non
     """Run ``gm`` on meta copies of ``example_inputs`` and its own state, recording shapes."""
     state = {f"gm.{k}": _meta_like(v) for k, v in gm.named_parameters()}
     state.update({f"gm.{k}": _meta_like(v) for k, v in gm.named_buffers()})
-    with torch.no_grad(), torch.device("meta"):
-        torch.func.functional_call(_Runner(gm), state, to_meta(tuple(example_inputs)))
+    try:
+        with torch.no_grad(), torch.device("meta"):
+            torch.func.functional_call(_Runner(gm), state, to_meta(tuple(example_inputs)))
+    finally:
+        refresh_flat_weights(gm)
+
+
+def refresh_flat_weights(model: nn.Module) -> None:
+    """Point recurrent layers' ``_flat_weights`` at their own parameters again:
+    ``torch.func.functional_call`` swaps the parameters in and back, and leaves that list
+    holding the tensors it swapped in."""
+    for m in model.modules():
+        if isinstance(m, nn.RNNBase):
+            m._init_flat_weights()
 
 
 def describe_traced(gm: fx.GraphModule) -> None:

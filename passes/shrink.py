@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,17 +37,29 @@ def shrink(
     removed: dict[Atom, torch.Tensor],
     root: nn.Module | None = None,
     literals: dict[str, list[tuple[Literal, Measured]]] | None = None,
+    others: Sequence[Any] = (),
 ) -> bool:
     """Shrink ``gm`` in place; return True if graph literals were rewritten.
 
     ``root`` is the module ``gm`` was traced from: sliced tensors are set there too
     (fx copies attributes reached by ``get_attr`` onto the GraphModule itself).
     ``literals`` (by node name) are the sizes the rules said measure axes
-    (:meth:`passes.rules.Context.measure`): each becomes the kept count."""
+    (:meth:`passes.rules.Context.measure`): each becomes the kept count. ``others`` are
+    graphs of the same model in the other train/eval mode (with ``graph``, ``nodes`` and
+    ``literals``): their modules' attributes are updated too."""
     sizes = Sizes(removed)
-    _slice_state(gm, params, sizes, root)
+    _slice_state([gm, *(o.graph for o in others)], params, sizes, root)
+    for other in others:
+        _rewrite_graph(other.graph, other.nodes, other.literals, sizes, root)
+    return _rewrite_graph(gm, nodes, literals or {}, sizes, root)
+
+
+def _rewrite_graph(
+    gm: fx.GraphModule, nodes: dict[str, Any], literals: dict[str, list[tuple[Literal, Measured]]], sizes: Sizes,
+    root: nn.Module | None,
+) -> bool:
+    """Module attributes, literals and shape arguments of one graph; whether the graph changed."""
     changed = False
-    literals = literals or {}
     for node in gm.graph.nodes:
         for where, measured in literals.get(node.name, ()):
             changed |= _rewrite_literal(gm, node, where, measured, nodes, sizes)
@@ -68,17 +80,24 @@ def shrink(
 
 
 def _slice_state(
-    gm: fx.GraphModule, params: dict[str, tuple[Expr, ...]], sizes: Sizes, root: nn.Module | None
+    graphs: list[fx.GraphModule], params: dict[str, tuple[Expr, ...]], sizes: Sizes, root: nn.Module | None
 ) -> None:
+    """Slice every pruned parameter and buffer, and set the sliced tensor wherever it is held:
+    the graphs (fx copies what ``get_attr`` reads onto them) and ``root``."""
+    holders = [*graphs, root] if root is not None else graphs
     aliases: dict[int, list[str]] = {}
-    for name, t in (*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)):
-        aliases.setdefault(id(t), []).append(name)
-    by_name = {names[0]: names for names in aliases.values()}
+    for holder in holders:
+        state = (*holder.named_parameters(remove_duplicate=False), *holder.named_buffers(remove_duplicate=False))
+        for name, t in state:
+            names = aliases.setdefault(id(t), [])
+            if name not in names:
+                names.append(name)
+    by_name = {name: names for names in aliases.values() for name in names}
     for name, axes in params.items():
         if not any(sizes.touches(e) for e in axes):
             continue
         names = by_name.get(name, [name])
-        old = _get(gm, names[0])
+        old = next(t for t in (_find(h, name) for h in holders) if t is not None)
         new = old.detach()
         for dim, expr in enumerate(axes):
             if sizes.touches(expr):
@@ -86,9 +105,17 @@ def _slice_state(
         value = new.clone()
         if isinstance(old, nn.Parameter):
             value = nn.Parameter(value, requires_grad=old.requires_grad)
-        for module in (gm, root) if root is not None else (gm,):
+        for holder in holders:
             for alias in names:
-                _set(module, alias, value)
+                _set(holder, alias, value)
+
+
+def _find(module: nn.Module, name: str) -> torch.Tensor | None:
+    owner, _, attr = name.rpartition(".")
+    try:
+        return getattr(module.get_submodule(owner), attr, None)
+    except AttributeError:
+        return None
 
 
 def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -146,11 +173,6 @@ def _same(value: Any, want: Any) -> bool:
     if isinstance(value, (tuple, list)) and len(value) == 1:
         return value[0] == want
     return value == want
-
-
-def _get(gm: fx.GraphModule, name: str) -> torch.Tensor:
-    owner, _, attr = name.rpartition(".")
-    return getattr(gm.get_submodule(owner), attr)
 
 
 # -- module attributes ---------------------------------------------------------------

@@ -192,7 +192,10 @@ def _mask_parameters(
         if name in bypass or not any(sizes.touches(e) for e in axes):
             continue
         owner_name, _, attr = name.rpartition(".")
-        owner = gm.get_submodule(owner_name)
+        try:
+            owner = gm.get_submodule(owner_name)
+        except AttributeError:
+            continue  # a module only the other train/eval mode runs: this graph does not hold it
         if owner is gm or not isinstance(getattr(owner, attr), nn.Parameter):
             # buffers (running statistics) and the graph module's own attributes (a
             # parametrization would replace its class) need none: activations are masked

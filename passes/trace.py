@@ -20,6 +20,7 @@ keep their fully qualified names, or raise :class:`TraceError` with the reason.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import io
 import itertools
@@ -40,7 +41,8 @@ from .errors import TraceError
 SHAPE_LOGGER = "torch.fx.experimental.symbolic_shapes"
 """The torch logger that warns, as export fails, about sizes it could not trace to user code."""
 
-__all__ = ["AtenGraph", "static_dims", "trace_export", "trace_fx", "trace_record"]
+__all__ = ["AtenGraph", "drop_cached_tensors", "preserved_attributes", "static_dims", "trace_export", "trace_fx",
+           "trace_record"]
 
 
 MODE_ARGUMENTS = {"batch_norm": "training", "dropout": "train", "feature_dropout": "train",
@@ -294,6 +296,50 @@ def trace_record(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     return _named_state(recorded, model, list(state), (tuple(args), kwargs))
 
 
+@contextlib.contextmanager
+def preserved_attributes(model: nn.Module) -> Iterator[None]:
+    """Undo, on exit, what tracing wrote into the modules' plain containers.
+
+    A forward may fill a cache as it runs (timm's ``attention_bias_cache``, keyed by
+    device): traced, it stores a proxy or a fake tensor there, which would break the next
+    run of the caller's model. The dict, list and set attributes of every module are put
+    back as they were."""
+    saved = [
+        (module, name, value, copy.copy(value))
+        for module in model.modules()
+        for name, value in vars(module).items()
+        if not name.startswith("_") and isinstance(value, (dict, list, set))
+    ]
+    try:
+        yield
+    finally:
+        for module, name, value, contents in saved:
+            if isinstance(value, dict):
+                value.clear()
+                value.update(contents)
+            elif isinstance(value, list):
+                value[:] = contents
+            else:
+                value.clear()
+                value.update(contents)
+            object.__setattr__(module, name, value)
+
+
+def drop_cached_tensors(model: nn.Module) -> list[str]:
+    """Empty every dict attribute of a module that holds only tensors (a cache of tensors
+    derived from the weights, such as timm's attention-bias caches): after pruning they
+    describe the old sizes. Returns the ``module.attribute`` names emptied."""
+    dropped = []
+    for name, module in model.named_modules():
+        for attr, value in list(vars(module).items()):
+            if attr.startswith("_") or not isinstance(value, dict) or not value:
+                continue
+            if all(isinstance(v, torch.Tensor) for v in value.values()):
+                value.clear()
+                dropped.append(f"{name}.{attr}" if name else attr)
+    return dropped
+
+
 def _tensors(value: Any) -> list[torch.Tensor]:
     return [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
 
@@ -320,7 +366,26 @@ def _named_state(recorded: fx.GraphModule, model: nn.Module, names: list[str], i
     graph._codegen = _PyTreeCodeGen(_PyTreeInfo(arg_names, spec, out_spec))
     gm = fx.GraphModule(owned, graph, type(model).__name__)
     _attributes_before_first_use(gm)
-    return _aten_graph(gm, model, *inputs)
+    result = _aten_graph(gm, model, *inputs)
+    result.register_forward_pre_hook(RecordedShapes(inputs), with_kwargs=True)
+    return result
+
+
+class RecordedShapes:
+    """A forward pre-hook for a recorded graph: its sizes and branches are those of the run
+    it recorded, so inputs of other shapes are refused with a clear error (never computed
+    wrong)."""
+
+    def __init__(self, inputs: Any) -> None:
+        self.shapes = [tuple(t.shape) for t in _tensors(inputs)]
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        shapes = [tuple(t.shape) for t in _tensors((args, kwargs))]
+        if shapes != self.shapes:
+            raise TraceError(
+                f"this graph was recorded on inputs of shapes {self.shapes} and runs only on those (got {shapes}): "
+                "the recording tracer specializes sizes and branches to the run it recorded"
+            )
 
 
 def _is_parameter(model: nn.Module, name: str) -> bool:

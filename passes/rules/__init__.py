@@ -36,6 +36,7 @@ def relate(
     *,
     rules: dict[object, Rule] | None = None,
     inputs: list[Axes] | None = None,
+    params: dict | None = None,
 ) -> Context:
     """Apply every node's rule to a graph annotated by :func:`passes.shapes.propagate_shapes`.
 
@@ -44,9 +45,12 @@ def relate(
     By default the graph is a whole model: its inputs and outputs are pinned. With
     ``inputs`` (the axes of each placeholder, in order) it is a subgraph inside a
     larger one (an op lowered to ATen): nothing is pinned at its boundary. ``rules``
-    replaces the default table (the ATen rules for lowered graphs).
+    replaces the default table (the ATen rules for lowered graphs). ``params`` shares the
+    parameters' axes with another graph of the same model (traced in the other mode).
     """
     cx = Context(gm, unifier or Unifier())
+    if params is not None:
+        cx.params = params
     table = RULES if rules is None else rules
     bound = iter(inputs) if inputs is not None else None
     for node in gm.graph.nodes:
