@@ -51,9 +51,17 @@ class Op:
     kind: str
     inputs: tuple[int, ...]
     params: tuple[tuple[str, Any], ...] = ()
+    shapes: tuple[Shape, ...] = ()
+    """The shapes of the inputs in the example: ``run`` branches on these, never on a
+    traced tensor's (which torch.fx cannot follow)."""
 
     def get(self, name: str, default: Any = None) -> Any:
         return dict(self.params).get(name, default)
+
+    @property
+    def rank(self) -> int:
+        """The rank of the first input."""
+        return len(self.shapes[0])
 
 
 @dataclass(frozen=True)
@@ -224,7 +232,7 @@ def _make_bn(p: dict[str, Any], shapes: list[Shape]) -> dict[str, Any]:
 
 
 def _run_bn(m: FuzzModel, op: Op, x: torch.Tensor) -> torch.Tensor:
-    if _tok(tuple(x.shape)):
+    if op.rank == 3:
         return m.layer(op)(x.transpose(1, 2)).transpose(1, 2)
     return m.layer(op)(x)
 
@@ -267,7 +275,7 @@ def _affine(norm: nn.Module) -> nn.Module:
 
 def _run_ln(m: FuzzModel, op: Op, x: torch.Tensor) -> torch.Tensor:
     over = op.get("over")
-    image = x.dim() == 4
+    image = op.rank == 4
     if image and over != "chw":
         x = x.permute(0, 2, 3, 1)
     if over == "functional":
@@ -312,7 +320,7 @@ def _draw_scale(rng: random.Random, shapes: list[Shape]) -> dict[str, Any]:
 def _run_scale(m: FuzzModel, op: Op, x: torch.Tensor) -> torch.Tensor:
     """A factor computed from a size at run time (an attention scale)."""
     how = op.get("how")
-    axis = 1 if x.dim() == 4 else -1
+    axis = 1 if op.rank == 4 else -1
     if how == "pow":
         return x * x.shape[axis] ** -0.5
     if how == "sqrt":
@@ -349,7 +357,7 @@ def _same_but_channels(a: Shape, b: Shape) -> bool:
 
 
 def _run_cat(m: FuzzModel, op: Op, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return torch.cat([x, y], 1 if x.dim() == 4 else -1)
+    return torch.cat([x, y], 1 if op.rank == 4 else -1)
 
 
 def _draw_split(rng: random.Random, shapes: list[Shape]) -> dict[str, Any] | None:
@@ -365,7 +373,7 @@ def _draw_split(rng: random.Random, shapes: list[Shape]) -> dict[str, Any] | Non
 
 def _run_split(m: FuzzModel, op: Op, x: torch.Tensor) -> torch.Tensor:
     """One piece of a split, or both pieces joined back in another order (or multiplied)."""
-    d = 1 if x.dim() == 4 else x.dim() - 1
+    d = 1 if op.rank == 4 else op.rank - 1
     style, first, take = op.get("style"), op.get("first"), op.get("take")
     c = x.shape[d]
     if style == "chunk":
@@ -398,7 +406,7 @@ def _run_shuffle(m: FuzzModel, op: Op, x: torch.Tensor) -> torch.Tensor:
         return m.layer(op)(x)
     if how == "torch":
         return torch.channel_shuffle(x, g)
-    n, c, h, w = x.shape
+    n, c, h, w = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
     return x.view(n, g, c // g, h, w).transpose(1, 2).reshape(n, c, h, w)
 
 
@@ -415,7 +423,7 @@ def _draw_reduce(rng: random.Random, shapes: list[Shape]) -> dict[str, Any]:
 def _run_reduce(m: FuzzModel, op: Op, x: torch.Tensor) -> torch.Tensor:
     """``x`` combined with a statistic over its channel axis (a softmax over it)."""
     fn = op.get("fn")
-    d = 1 if x.dim() == 4 else -1
+    d = 1 if op.rank == 4 else -1
     if fn in ("softmax", "log_softmax", "softmin"):
         return getattr(F, fn)(x, d)
     if fn == "normalize":
@@ -450,7 +458,7 @@ def _make_attention(p: dict[str, Any], shapes: list[Shape]) -> dict[str, Any]:
 
 def _run_attention(m: FuzzModel, op: Op, x: torch.Tensor) -> torch.Tensor:
     h, kv, hd, how = op.get("heads"), op.get("kv"), op.get("dim"), op.get("how")
-    b, n, _ = x.shape
+    b, n = x.shape[0], x.shape[1]
     q = m.layer(op, "q")(x).view(b, n, h, hd).transpose(1, 2)
     k = m.layer(op, "k")(x).view(b, n, kv, -1).transpose(1, 2)
     v = m.layer(op, "v")(x).reshape(b, n, kv, hd).transpose(1, 2)
@@ -491,7 +499,7 @@ def _make_mha(p: dict[str, Any], shapes: list[Shape]) -> dict[str, Any]:
 
 def _run_mha(m: FuzzModel, op: Op, x: torch.Tensor) -> torch.Tensor:
     y, w = m.layer(op)(x, x, x, need_weights=op.get("weights"))
-    return y if w is None else y + w.sum(-1, keepdim=True)
+    return y + w.sum(-1, keepdim=True) if op.get("weights") else y
 
 
 def _draw_tokens(rng: random.Random, shapes: list[Shape]) -> dict[str, Any]:
@@ -521,7 +529,7 @@ def _make_linear(p: dict[str, Any], shapes: list[Shape]) -> dict[str, Any]:
 
 
 def _run_linear(m: FuzzModel, op: Op, x: torch.Tensor) -> torch.Tensor:
-    image = x.dim() == 4
+    image = op.rank == 4
     if image:
         x = x.permute(0, 2, 3, 1)
     y = F.linear(x, m.param(op, "w"), m.param(op, "b")) if op.get("how") == "f" else m.layer(op)(x)
@@ -529,7 +537,7 @@ def _run_linear(m: FuzzModel, op: Op, x: torch.Tensor) -> torch.Tensor:
 
 
 def _run_glu(m: FuzzModel, op: Op, x: torch.Tensor) -> torch.Tensor:
-    a, b = x.chunk(2, -1 if x.dim() != 4 else 1)
+    a, b = x.chunk(2, -1 if op.rank != 4 else 1)
     return a * F.silu(b)
 
 
@@ -547,7 +555,7 @@ def _draw_to_image(rng: random.Random, shapes: list[Shape]) -> dict[str, Any] | 
 
 
 def _run_to_image(m: FuzzModel, op: Op, x: torch.Tensor) -> torch.Tensor:
-    b, n, d = x.shape
+    b, d = x.shape[0], x.shape[2]
     return x.transpose(1, 2).reshape(b, d, op.get("side"), -1)
 
 
@@ -569,7 +577,7 @@ def _run_pool(m: FuzzModel, op: Op, x: torch.Tensor) -> torch.Tensor:
     if how == "avg":
         return F.avg_pool2d(x, 2)
     if how == "adaptive":
-        return F.adaptive_avg_pool2d(x, (x.shape[2] // 2, x.shape[3] // 2))
+        return F.adaptive_avg_pool2d(x, (op.shapes[0][2] // 2, op.shapes[0][3] // 2))
     return m.layer(op)(x)
 
 
@@ -583,7 +591,7 @@ def _draw_flatten(rng: random.Random, shapes: list[Shape]) -> dict[str, Any] | N
 def _run_flatten(m: FuzzModel, op: Op, x: torch.Tensor) -> torch.Tensor:
     """To a vector: pool, or flatten (channels times positions)."""
     how = op.get("how")
-    if x.dim() == 4:
+    if op.rank == 4:
         if how == "flatten":
             return torch.flatten(x, 1)
         if how == "view":
@@ -623,15 +631,15 @@ def _run_reuse(m: FuzzModel, op: Op, x: torch.Tensor) -> torch.Tensor:
     """One module called twice (shared weights)."""
     layer = m.layer(op)
     y = layer(x)
-    return layer(F.relu(y) if x.dim() != 4 else torch.tanh(y)) + y
+    return layer(F.relu(y) if op.rank != 4 else torch.tanh(y)) + y
 
 
 def _run_reshape(m: FuzzModel, op: Op, x: torch.Tensor) -> torch.Tensor:
     """A round trip through a reshape whose sizes are read at run time."""
-    if x.dim() == 4:
+    if op.rank == 4:
         y = x.reshape(x.shape[0], x.shape[1], -1)
         return y.view(x.size(0), x.size(1), x.size(2), x.size(3))
-    b, n, d = x.shape
+    b, n, d = x.shape[0], x.shape[1], x.shape[2]
     return x.reshape(b * n, d).view(b, n, d)
 
 
@@ -690,13 +698,13 @@ def _draw_matmul(rng: random.Random, shapes: list[Shape]) -> dict[str, Any]:
 def _run_matmul(m: FuzzModel, op: Op, x: torch.Tensor) -> torch.Tensor:
     """A product with a weight at the model's root: ``x @ W``, an einsum, or a bmm."""
     w, b, how = m.param(op, "w"), m.param(op, "b"), op.get("how")
-    if x.dim() == 4:
+    if op.rank == 4:
         if how == "einsum":
             return torch.einsum("bchw,cd->bdhw", x, w) + b[:, None, None]
         return (x.permute(0, 2, 3, 1) @ w + b).permute(0, 3, 1, 2)
     if how == "einsum":
         return torch.einsum("...d,de->...e", x, w) + b
-    if how == "bmm" and x.dim() == 3:
+    if how == "bmm" and op.rank == 3:
         return torch.bmm(x, w.expand(x.shape[0], -1, -1)) + b
     return x @ w + b
 
@@ -722,7 +730,7 @@ def _run_affine(m: FuzzModel, op: Op, x: torch.Tensor) -> torch.Tensor:
         return x + m.param(op, "v")
     if how in ("prelu_module", "prelu_f"):  # PReLU's weight is per channel: dim 1
         prelu = m.layer(op) if how == "prelu_module" else (lambda t: F.prelu(t, m.param(op, "v")))
-        return prelu(x) if x.dim() != 3 else prelu(x.transpose(1, 2)).transpose(1, 2)
+        return prelu(x) if op.rank != 3 else prelu(x.transpose(1, 2)).transpose(1, 2)
     if how == "clamp":
         return x.clamp(-0.5, 1.0) + F.hardtanh(x)
     if how == "where":
@@ -744,7 +752,7 @@ def _run_positional(m: FuzzModel, op: Op, x: torch.Tensor) -> torch.Tensor:
     """Ops that read positions along the channel axis (their axis must stay whole, or be
     pruned consistently)."""
     how = op.get("how")
-    d = 1 if x.dim() == 4 else x.dim() - 1
+    d = 1 if op.rank == 4 else op.rank - 1
     if how == "cumsum":
         return x.cumsum(d)
     if how == "flip":
@@ -755,13 +763,13 @@ def _run_positional(m: FuzzModel, op: Op, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, x.narrow(d, 0, 1)], d)[:, ::2] if d == 1 else x[..., ::2]
     if how == "index":
         return x[:, [0, 0]] if d == 1 else x[..., [0, 0]]
-    if how == "lrn" and x.dim() >= 3:
+    if how == "lrn" and op.rank >= 3:
         return F.local_response_norm(x if d == 1 else x.transpose(1, 2), 2) if d == 1 else \
             F.local_response_norm(x.transpose(1, 2), 2).transpose(1, 2)
-    if how == "softmax2d" and x.dim() == 4:
+    if how == "softmax2d" and op.rank == 4:
         return m.layer(op)(x)
     if how == "repeat":
-        return x.repeat(*([1, 2] + [1] * (x.dim() - 2))) if d == 1 else x.repeat(*([1] * (x.dim() - 1) + [2]))
+        return x.repeat(*([1, 2] + [1] * (op.rank - 2))) if d == 1 else x.repeat(*([1] * (op.rank - 1) + [2]))
     return x.repeat_interleave(2, dim=d)
 
 
@@ -800,7 +808,7 @@ def _make_bmm_attention(p: dict[str, Any], shapes: list[Shape]) -> dict[str, Any
 def _run_bmm_attention(m: FuzzModel, op: Op, x: torch.Tensor) -> torch.Tensor:
     """A fused qkv projection split three ways, heads folded into the batch (bmm)."""
     h, hd = op.get("heads"), op.get("dim")
-    b, n, _ = x.shape
+    b, n = x.shape[0], x.shape[1]
     q, k, v = m.layer(op, "qkv")(x).split(h * hd, -1)
     q, k, v = (t.reshape(b, n, h, hd).transpose(1, 2).reshape(b * h, n, hd) for t in (q, k, v))
     a = torch.softmax(torch.bmm(q, k.transpose(1, 2)) / hd**0.5, -1)
@@ -819,7 +827,7 @@ def _make_project(p: dict[str, Any], shapes: list[Shape]) -> dict[str, Any]:
 
 def _run_project(m: FuzzModel, op: Op, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """A shortcut: ``x`` projected to ``y``'s width, added to ``y``."""
-    if x.dim() == 4:
+    if op.rank == 4:
         return m.layer(op)(x) + y
     return m.layer(op)(x) + y
 
@@ -974,7 +982,7 @@ def _draw_op(rng: random.Random, op_id: int, values: list[torch.Tensor]) -> Op |
     params = kind.draw(rng, [shapes[i] for i in inputs])
     if params is None:
         return None
-    return Op(op_id, kind_name, tuple(inputs), tuple(sorted(params.items())))
+    return Op(op_id, kind_name, tuple(inputs), tuple(sorted(params.items())), tuple(shapes[i] for i in inputs))
 
 
 # -- the property -----------------------------------------------------------------------------
@@ -985,11 +993,12 @@ def check(program: Program, *, other_batch: int = 3, train: bool = True) -> Fail
 
     A :class:`~depgraph.DepgraphError` from ``analyze`` is a refusal, not a failure; from
     ``prune`` or ``simulate`` it is a failure (the plan came from the same analysis)."""
-    return outcome(program, other_batch=other_batch, train=train)[1]
+    status, failure = outcome(program, other_batch=other_batch, train=train)
+    return failure if status == "failed" else None
 
 
 def outcome(program: Program, *, other_batch: int = 3, train: bool = True) -> tuple[str, Failure | None]:
-    """``("passed", None)``, ``("refused", None)`` (analyze refused the model with a clear
+    """``("passed", None)``, ``("refused", why)`` (analyze refused the model with a clear
     error) or ``("failed", failure)``."""
     import depgraph
 
@@ -998,8 +1007,8 @@ def outcome(program: Program, *, other_batch: int = 3, train: bool = True) -> tu
     before = _fingerprint(model)
     try:
         analysis = depgraph.analyze(model, x, tracer=program.tracer)
-    except depgraph.DepgraphError:
-        return "refused", None
+    except depgraph.DepgraphError as exc:
+        return "refused", _failure("refused", exc)
     except Exception as exc:  # noqa: BLE001 -- any other error is a failure to report
         return "failed", _failure("analyze", exc)
     plan = depgraph.Plan.from_keep(analysis, _random_keep(analysis, program.seed))

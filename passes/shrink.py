@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .dims import Atom, Expr, Sizes
+from .dims import Atom, Concat, Expr, Product, Sizes, atoms_of
 from .errors import PlanError
 from .meta import VALUE, TensorMeta
 from .mha import PrunedMultiheadAttention
@@ -292,9 +292,8 @@ def _shape_args(node: fx.Node, nodes: dict[str, Any], sizes: Sizes) -> bool:
     """view/reshape/expand: each size becomes the kept size of the output axis it shapes.
 
     A size computed in the graph (``b, n, d = x.shape`` then ``reshape(b * h, n, d)``) is
-    left alone when the pruned model computes the kept size; otherwise it becomes ``-1``
-    when it is the only computed one to change and the call has no ``-1`` (so a batch size computed
-    at run time stays so), else the literal kept size."""
+    left alone when the pruned model computes the kept size, and otherwise rescaled in the
+    graph (:func:`_kept_size`), so that a batch size read at run time stays so."""
     if "shape" in node.kwargs or "size" in node.kwargs:
         return False
     out = _out_axes(node, nodes)
@@ -314,12 +313,31 @@ def _shape_args(node: fx.Node, nodes: dict[str, Any], sizes: Sizes) -> bool:
         return False
     new = list(shape)
     for i in wrong:
-        new[i] = sizes.size(out[i])
-    computed = [i for i in wrong if isinstance(shape[i], fx.Node)]
-    if len(computed) == 1 and -1 not in shape and "expand" not in str(node.target):
-        new[computed[0]] = -1
+        new[i] = _kept_size(node, shape[i], out[i], sizes)
     node.args = (node.args[0], tuple(new)) if packed else (node.args[0], *new)
     return True
+
+
+def _kept_size(node: fx.Node, old: Any, expr: Expr, sizes: Sizes) -> Any:
+    """The size argument, standing before ``node``, for the kept part of axis ``expr``, whose
+    argument was ``old``: the kept count when ``old`` is a literal or the axis holds pruned
+    atoms only; for a size computed in the graph over an axis that also holds parts that
+    lose nothing (a batch, read at run time), the same computation rescaled: divided by the
+    pruned factors' sizes and multiplied by their kept counts (a product), or less the
+    removed count (a concatenation)."""
+    kept = sizes.size(expr)
+    if not isinstance(old, fx.Node) or all(a in sizes.removed for a in atoms_of(expr)):
+        return kept
+    graph = node.graph
+    with graph.inserting_before(node):
+        if isinstance(expr, Product):
+            touched = [f for f in expr.factors if sizes.touches(f)]
+            whole = math.prod(f.size for f in touched)
+            divided = graph.call_function(operator.floordiv, (old, whole))
+            return graph.call_function(operator.mul, (divided, math.prod(sizes.size(f) for f in touched)))
+        if isinstance(expr, Concat):
+            return graph.call_function(operator.sub, (old, expr.size - kept))
+    return kept
 
 
 def _unflatten(node: fx.Node, nodes: dict[str, Any], sizes: Sizes) -> bool:
