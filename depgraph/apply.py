@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
@@ -38,11 +39,13 @@ def prune(model: nn.Module, plan: Plan, inplace: bool = False, check: bool = Tru
     untouched unless ``inplace``. Tensors cached in dicts by the model's modules (timm's
     attention-bias caches) are dropped: they were computed from the unpruned weights.
 
-    With ``check`` (the default) the result is verified before it is returned: the model's
-    own class must compute what the rewritten graph computes on the example inputs, and
-    the result must run at another batch size wherever the original does (on meta
-    tensors); otherwise a :class:`~depgraph.PlanError` names the module that goes wrong.
-    ``check=False`` skips this (one forward pass on the example inputs) for very large models.
+    With ``check`` (the default) the result is verified before it is returned: where the
+    model's own class computes something else than the rewritten graph on the example
+    inputs (its forward reads a size from a weight, say), the graph is returned with a
+    warning naming the module; where the result fails at another batch size at which the
+    original runs (checked on meta tensors), a :class:`~depgraph.PlanError` names the
+    module. ``check=False`` skips this (one forward pass on the example inputs) for very
+    large models.
 
     Examples
     --------
@@ -64,24 +67,29 @@ def prune(model: nn.Module, plan: Plan, inplace: bool = False, check: bool = Tru
                        analysis.tracer == "record")
     else:
         result = analysis.graph if changed else target
-    if check:
-        _verify(result, analysis, model, inputs)
-    return result
+    return _verified(result, analysis, model, inputs) if check else result
 
 
-def _verify(result: nn.Module, analysis: Analysis, model: nn.Module, inputs: Any) -> None:
-    """Raise PlanError where the pruned model goes wrong (see :func:`prune`)."""
-    problem = None
+def _verified(result: nn.Module, analysis: Analysis, model: nn.Module, inputs: Any) -> nn.Module:
+    """``result``, or the rewritten graph where the model's own class computes something else
+    (with a warning naming the module); PlanError where it fails at another batch size."""
     if result is not analysis.graph and analysis.tracer == "fx":
         problem = class_mismatch(result, analysis.graph, inputs)
-    if problem is None and analysis.tracer != "record":
-        problem = batch_failure(result, model, inputs)
+        if problem is not None:
+            warnings.warn(
+                f"the pruned {type(result).__name__} does not compute what the pruned graph computes ({problem}): "
+                "its forward reads something pruning does not update, such as a size computed from a weight. "
+                "prune returns the graph, which does",
+                stacklevel=3,
+            )
+            result = analysis.graph
+    problem = batch_failure(result, model, inputs) if analysis.tracer != "record" else None
     if problem is not None:
         raise PlanError(
-            f"the pruned {type(result).__name__} does not compute what the pruned graph computes: {problem}. This is "
-            "a depgraph defect or a module whose forward reads something pruning does not update; please report it "
-            "(prune(..., check=False) returns the model unverified)"
+            f"the pruned {type(result).__name__} fails where the original runs, {problem}. This is a depgraph defect: "
+            "please report it (prune(..., check=False) returns the model unverified)"
         )
+    return result
 
 
 def simulate(model: nn.Module, plan: Plan, inplace: bool = False) -> fx.GraphModule:

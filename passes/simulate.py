@@ -255,6 +255,33 @@ def masked_rms_norm(x: torch.Tensor, keep: torch.Tensor, weight: Any, eps: Any) 
     return (y * weight if weight is not None else y) * keep
 
 
+def masked_batch_norm(
+    x: torch.Tensor, keep: torch.Tensor, running_mean: Any, running_var: Any, weight: Any, bias: Any,
+    training: bool, momentum: float, eps: float,
+) -> torch.Tensor:
+    """F.batch_norm whose batch statistics (training mode) count only kept entries of the
+    axes they are taken over; running statistics are updated as F.batch_norm does."""
+    if not training:
+        return F.batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps)
+    dims = [d for d in range(x.ndim) if d != 1]
+    count = (keep * torch.ones_like(x)).sum(dims, keepdim=True).clamp(min=1)
+    mean = (x * keep).sum(dims, keepdim=True) / count
+    var = (((x - mean) * keep) ** 2).sum(dims, keepdim=True) / count
+    shape = [1, x.shape[1]] + [1] * (x.ndim - 2)
+    y = (x - mean) / torch.sqrt(var + eps)
+    if weight is not None:
+        y = y * weight.reshape(shape)
+    if bias is not None:
+        y = y + bias.reshape(shape)
+    with torch.no_grad():
+        if running_mean is not None:
+            running_mean.mul_(1 - momentum).add_(momentum * mean.flatten())
+        if running_var is not None:
+            unbiased = var * count / (count - 1).clamp(min=1)
+            running_var.mul_(1 - momentum).add_(momentum * unbiased.flatten())
+    return y
+
+
 def masked_group_norm(
     x: torch.Tensor, keep: torch.Tensor, groups: int, weight: Any, bias: Any, eps: float
 ) -> torch.Tensor:
@@ -431,6 +458,18 @@ def _group_norm_function(run: _Pass, node: fx.Node, x: tuple[Expr, ...]) -> None
                                            args.get("bias"), args.get("eps", 1e-5)))
 
 
+def _batch_norm_function(run: _Pass, node: fx.Node, x: tuple[Expr, ...]) -> None:
+    """F.batch_norm (torch-level or ATen) in training mode over pruned axes: masked batch statistics."""
+    args = _bind(F.batch_norm, node)
+    over = [e for i, e in enumerate(x) if i != 1]
+    if args.get("training", False) is not True or len(x) < 2 or not any(map(run.sizes.touches, over)):
+        return
+    source = args["input"]
+    _replace(node, masked_batch_norm, (source, run.mask(source, x, node), args.get("running_mean"),
+                                       args.get("running_var"), args.get("weight"), args.get("bias"), True,
+                                       args.get("momentum", 0.1), args.get("eps", 1e-5)))
+
+
 def _reduced_dims(node: fx.Node, x: tuple[Expr, ...]) -> tuple[int, ...] | None:
     """The dims a reduction reduces (every dim when none is given), or None when computed."""
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", node.kwargs.get("axis"))
@@ -576,6 +615,7 @@ _ATEN = torch.ops.aten
 STATISTICS: dict[object, Callable[..., None]] = {
     nn.LayerNorm: _layer_norm_module, nn.RMSNorm: _layer_norm_module, nn.GroupNorm: _group_norm_module,
     F.layer_norm: _layer_norm_function, F.group_norm: _group_norm_function, F.rms_norm: _rms_norm_function,
+    F.batch_norm: _batch_norm_function, torch.batch_norm: _batch_norm_function,
     torch.layer_norm: _layer_norm_function, torch.group_norm: _group_norm_function,
     nn.Softmax2d: _softmax2d,
     **dict.fromkeys(("mean", torch.mean), _mean),
@@ -590,7 +630,7 @@ STATISTICS: dict[object, Callable[..., None]] = {
     F.scaled_dot_product_attention: _attention,
     # ATen op packets (graphs from torch.export); an overload is looked up by its packet
     _ATEN.layer_norm: _layer_norm_function, _ATEN.group_norm: _group_norm_function,
-    _ATEN.rms_norm: _rms_norm_function, _ATEN.mean: _mean,
+    _ATEN.rms_norm: _rms_norm_function, _ATEN.mean: _mean, _ATEN.batch_norm: _batch_norm_function,
     **dict.fromkeys((_ATEN.var, _ATEN.std, _ATEN.var_mean, _ATEN.std_mean), _var),
     **dict.fromkeys((_ATEN.softmax, _ATEN._softmax, _ATEN._safe_softmax, _ATEN.log_softmax, _ATEN._log_softmax,
                      _ATEN.amax, _ATEN.max, _ATEN.logsumexp), _fill("low")),

@@ -197,13 +197,12 @@ def trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     model uses them, as in an fx graph. The graph calls ``_guards_fn`` on the inputs
     (export's checks of the shapes it specialized to).
 
-    Every dimension of every tensor input is exported as ``Dim.AUTO`` (a batch of one as a
-    batch of two, see :func:`_export`): export keeps a dimension dynamic unless the
-    model's code fixes it (a flatten into a linear layer fixes the image size), so the
-    graph runs at other batch sizes and, where the model allows, other sequence lengths
-    and image sizes; node values describe the example as exported. :func:`static_dims`
-    tells which dimensions stayed static. A model that cannot be exported so is exported
-    with every size static.
+    The batch and sequence dimensions of the inputs are exported as ``Dim.AUTO`` (a batch of
+    one as a batch of two, see :func:`_export`; :func:`_dynamic_dims` says which): export
+    keeps a dimension dynamic unless the model's code fixes it, so the graph runs at other
+    batch sizes and, where the model allows, other sequence lengths; node values describe
+    the example as exported. :func:`static_dims` tells which dimensions stayed static. A
+    model that cannot be exported so is exported with every size static.
 
     Export runs no real kernels (fake tensors), so a model on the ``meta`` device
     works; example inputs are moved to the device of the model's parameters (a meta
@@ -420,17 +419,27 @@ def _export_real(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
 
 
 def _dynamic_shapes(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:
-    """``Dim.AUTO`` for every dimension of every tensor input, keyed by forward's parameter
-    names as export binds them (None when forward's signature cannot bind the inputs)."""
+    """``Dim.AUTO`` for the dimensions :func:`_dynamic_dims` picks of every tensor input, keyed
+    by forward's parameter names as export binds them (None when forward's signature cannot
+    bind the inputs)."""
     try:
         bound = inspect.signature(model.forward).bind(*args, **kwargs)
     except (TypeError, ValueError):
         return None
 
-    def auto(value: Any) -> Any:
-        return {d: Dim.AUTO for d in range(value.dim())} if isinstance(value, torch.Tensor) else None
+    return {name: tree_map(_dynamic_dims, value) for name, value in bound.arguments.items()}
 
-    return {name: tree_map(auto, value) for name, value in bound.arguments.items()}
+
+def _dynamic_dims(value: Any) -> dict[int, Any] | None:
+    """The dimensions of an input export is asked to keep dynamic: the batch; every dimension
+    of an integer tensor (token ids, masks: batch and sequence); the sequence of a float
+    ``(batch, sequence, features)`` input. Image sizes stay static: symbolic image sizes
+    make export of same-padding CNNs minutes long (fx traces most CNNs, at any size)."""
+    if not isinstance(value, torch.Tensor) or not value.dim():
+        return None
+    if not value.is_floating_point():
+        return {d: Dim.AUTO for d in range(value.dim())}
+    return {d: Dim.AUTO for d in ((0, 1) if value.dim() == 3 else (0,))}
 
 
 def static_dims(gm: fx.GraphModule) -> dict[str, tuple[int, ...]]:

@@ -149,19 +149,26 @@ def f_batch_norm(cx: Context, node: fx.Node) -> Axes:
 _INSTANCE_SPATIAL: dict[type, int] = {nn.InstanceNorm1d: 1, nn.InstanceNorm2d: 2, nn.InstanceNorm3d: 3}
 
 
+STATISTICS_OVER = "statistics of an instance or group norm are taken over this axis"
+
+
 def instance_norm(cx: Context, node: fx.Node) -> Axes:
-    """InstanceNorm1d/2d/3d: per-channel weight and stats on dim 1 (dim 0 when unbatched)."""
+    """InstanceNorm1d/2d/3d: per-channel weight and stats on dim 1 (dim 0 when unbatched);
+    the spatial axes it takes statistics over are pinned."""
     x = cx.of(node.args[0])
     spatial = _INSTANCE_SPATIAL[type(cx.module(node))]
     _per_channel(cx, x[len(x) - spatial - 1], _module_state(cx, node, _NORM_STATE))
+    cx.pin(x[len(x) - spatial :], STATISTICS_OVER)
     return x
 
 
 def f_instance_norm(cx: Context, node: fx.Node) -> Axes:
-    """F.instance_norm(x, running_mean, running_var, weight, bias, ...): per-channel on dim 1."""
+    """F.instance_norm(x, running_mean, running_var, weight, bias, ...): per-channel on dim 1;
+    the axes after it (statistics) are pinned."""
     x = cx.of(node.args[0])
     where = ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))
     _per_channel(cx, x[1], _values(cx, node, where))
+    cx.pin(x[2:], STATISTICS_OVER)
     return x
 
 
@@ -206,6 +213,7 @@ def group_norm(cx: Context, node: fx.Node) -> Axes:
     groups = groups_of(cx, x[1], _int_attr(cx, node, "num_groups"))
     cx.measure(node, Literal(None, "num_groups", attr=True), groups)
     _per_channel(cx, x[1], _module_state(cx, node, ("weight", "bias")))
+    cx.pin(x[2:], STATISTICS_OVER)
     return x
 
 
@@ -215,6 +223,7 @@ def f_group_norm(cx: Context, node: fx.Node) -> Axes:
     groups = groups_of(cx, x[1], cx.value(arg(node, 1, "num_groups")))
     cx.measure(node, Literal(1, "num_groups"), groups)
     _per_channel(cx, x[1], _values(cx, node, ((2, "weight"), (3, "bias"))))
+    cx.pin(x[2:], STATISTICS_OVER)
     return x
 
 
