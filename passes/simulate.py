@@ -582,6 +582,53 @@ def _attention(run: _Pass, node: fx.Node, x: tuple[Expr, ...]) -> None:
     node.kwargs = rest
 
 
+def masked_multihead_attention(module: nn.Module, query: Any, key: Any, value: Any, keys: torch.Tensor,
+                               key_padding_mask: Any = None, need_weights: bool = True, attn_mask: Any = None,
+                               average_attn_weights: bool = True, is_causal: bool = False) -> Any:
+    """nn.MultiheadAttention with the keys where ``keys`` (the key's mask) is 0 left out,
+    through its ``key_padding_mask``."""
+    seq = 0 if key.dim() == 2 or not module.batch_first else 1
+    removed = keys.reshape(-1) == 0 if keys.dim() <= 1 else keys.movedim(seq, -1).reshape(-1) == 0  # (S,)
+    if key.dim() == 3:
+        removed = removed.expand(key.shape[1 - seq], -1)
+    if key_padding_mask is None:
+        key_padding_mask = removed if not (attn_mask is not None and attn_mask.is_floating_point()) else \
+            torch.zeros(removed.shape, dtype=attn_mask.dtype, device=key.device).masked_fill(removed, float("-inf"))
+    elif key_padding_mask.dtype == torch.bool:
+        key_padding_mask = key_padding_mask | removed
+    else:
+        key_padding_mask = key_padding_mask.masked_fill(removed, float("-inf"))
+    return module(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                  attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
+
+
+def _mha_signature(query: Any, key: Any, value: Any, key_padding_mask: Any = None, need_weights: bool = True,
+                   attn_mask: Any = None, average_attn_weights: bool = True, is_causal: bool = False) -> None:
+    """The signature of nn.MultiheadAttention.forward."""
+
+
+def _multihead_attention(run: _Pass, node: fx.Node, x: tuple[Expr, ...]) -> None:
+    """nn.MultiheadAttention over pruned keys: the removed keys are masked out."""
+    args = _bind(_mha_signature, node)
+    k = run.axes(args["key"])
+    module = run.gm.get_submodule(str(node.target))
+    seq = 0 if k is None or len(k) == 2 or not module.batch_first else 1
+    if k is None or not run.sizes.touches(k[seq]):
+        return
+    specs: list[Any] = [None] * len(k)
+    specs[seq] = spec_of(k[seq], run.sizes)
+    name = f"{MASK_PREFIX}{next(run.counter)}"
+    run.gm.add_submodule(name, AxisMask(specs))
+    with run.gm.graph.inserting_before(node):
+        keep = run.gm.graph.call_module(name, (args["key"],))
+        attention = run.gm.graph.get_attr(str(node.target))
+    keep.meta[MARK] = "constant"
+    rest = {n: v for n, v in args.items() if n not in ("query", "key", "value")}
+    node.op, node.target = "call_function", masked_multihead_attention
+    node.args = (attention, args["query"], args["key"], args["value"], keep)
+    node.kwargs = rest
+
+
 def _sdpa_signature(query: Any, key: Any, value: Any, attn_mask: Any = None, dropout_p: float = 0.0,
                     is_causal: bool = False, scale: Any = None, enable_gqa: bool = False) -> None:
     """The signature of F.scaled_dot_product_attention (a builtin, which inspect cannot read)."""
@@ -617,7 +664,7 @@ STATISTICS: dict[object, Callable[..., None]] = {
     F.layer_norm: _layer_norm_function, F.group_norm: _group_norm_function, F.rms_norm: _rms_norm_function,
     F.batch_norm: _batch_norm_function, torch.batch_norm: _batch_norm_function,
     torch.layer_norm: _layer_norm_function, torch.group_norm: _group_norm_function,
-    nn.Softmax2d: _softmax2d,
+    nn.Softmax2d: _softmax2d, nn.MultiheadAttention: _multihead_attention,
     **dict.fromkeys(("mean", torch.mean), _mean),
     **dict.fromkeys(("var", "std", torch.var, torch.std, torch.var_mean, torch.std_mean), _var),
     **dict.fromkeys((F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax",

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._pytree import tree_leaves, tree_map
 
 from .adopt import _close, _example
@@ -73,7 +74,7 @@ def class_mismatch(root: nn.Module, gm: fx.GraphModule, inputs: tuple[tuple[Any,
 def batch_failure(
     pruned: nn.Module, original: nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]]
 ) -> str | None:
-    """Why ``pruned`` fails at another batch size where ``original`` runs (both on meta
+    """Why ``pruned`` fails at another batch size where ``original`` runs (both on fake
     tensors: shapes only), or None. The other batch size is one more than the example's
     (two for a batch of one)."""
     args, kwargs = inputs
@@ -81,33 +82,44 @@ def batch_failure(
     if not sizes:
         return None
     batch = sizes[0] + 1 if sizes[0] > 1 else 2
-    metas = tree_map(lambda x: _meta(x, sizes[0], batch), inputs)
-    error = _run_meta(pruned, metas)
-    if error is None or _run_meta(original, metas) is not None:
+    error = _run_fake(pruned, inputs, sizes[0], batch)
+    if error is None or _run_fake(original, inputs, sizes[0], batch) is not None:
         return None
     return f"at a batch of {batch} (the example's is {sizes[0]}): {error}"
 
 
-def _meta(x: Any, batch: int, other: int) -> Any:
-    if not isinstance(x, TensorMeta):
-        return x
-    shape = (other, *x.shape[1:]) if x.shape and x.shape[0] == batch else x.shape
-    return torch.zeros(shape, dtype=x.dtype, device="meta")
+def _run_fake(model: nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]], batch: int, other: int) -> str | None:
+    """None if ``model`` runs on fake copies of its state (no memory, no FLOPs, on the device
+    its tensors claim: an exported graph names its device) and fake ``inputs`` whose batch
+    ``batch`` is ``other``; else why not, with the innermost module that was running."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
 
+    def fake(x: Any) -> Any:
+        if not isinstance(x, TensorMeta):
+            return x
+        shape = (other, *x.shape[1:]) if x.shape and x.shape[0] == batch else x.shape
+        return FakeTensor(mode, torch.empty(shape, dtype=x.dtype, device="meta"), device)
 
-def _run_meta(model: nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]]) -> str | None:
-    """None if ``model`` runs on meta copies of its state and ``inputs``; else why not, with
-    the innermost module that was running."""
-    state = {n: torch.empty_like(t, device="meta") for n, t in (*model.named_parameters(), *model.named_buffers())}
+    state = {n: mode.from_tensor(t) for n, t in (*model.named_parameters(), *model.named_buffers())}
+    args, kwargs = tree_map(fake, inputs)
     running: list[str] = []
+
+    def enter(name: str) -> Any:
+        def hook(_module: nn.Module, _args: Any) -> None:
+            running.append(name)
+        return hook
+
+    def leave(_module: nn.Module, _args: Any, _out: Any) -> None:  # a hook's return value would replace the output
+        if running:
+            running.pop()
+
     hooks = []
     for name, m in model.named_modules():
         if name:
-            hooks.append(m.register_forward_pre_hook(lambda _m, _a, name=name: running.append(name)))
-            hooks.append(m.register_forward_hook(lambda _m, _a, _o: running.pop() if running else None))
-    args, kwargs = inputs
+            hooks += [m.register_forward_pre_hook(enter(name)), m.register_forward_hook(leave)]
     try:
-        with torch.no_grad(), preserved_attributes(model):
+        with torch.no_grad(), preserved_attributes(model), mode:
             torch.func.functional_call(model, state, args, kwargs)
     except Exception as exc:  # noqa: BLE001 -- any failure is the answer
         where = f"in module '{running[-1]}': " if running else ""

@@ -83,7 +83,7 @@ def reduction(cx: Context, node: fx.Node) -> Axes:
     if axes is None or tuple(e.size for e in axes) != out:
         cx.pin(x, UNKNOWN_DIMS)
         return cx.pinned_like(value, UNKNOWN_DIMS)
-    if _op_name(node) in ORDER_STATISTICS or _indices_used(node):
+    if _op_name(node) in ORDER_STATISTICS or (_op_name(node) in ("max", "min") and _indices_used(node)):
         assert dims is not None
         cx.pin(tuple(x[d] for d in dims), POSITIONAL)
     return _like_value(value, axes)
