@@ -832,6 +832,45 @@ def _run_project(m: FuzzModel, op: Op, x: torch.Tensor, y: torch.Tensor) -> torc
     return m.layer(op)(x) + y
 
 
+def _draw_ws_conv(rng: random.Random, shapes: list[Shape]) -> dict[str, Any]:
+    return {"out": rng.choice(WIDTHS), "k": rng.choice([1, 3])}
+
+
+def _make_ws_conv(p: dict[str, Any], shapes: list[Shape]) -> dict[str, Any]:
+    return {"m": nn.Conv2d(shapes[0][1], p["out"], p["k"], padding=p["k"] // 2)}
+
+
+def _run_ws_conv(m: FuzzModel, op: Op, x: torch.Tensor) -> torch.Tensor:
+    """A weight-standardized conv (timm's ScaledStdConv2d): the weight normalized over its
+    inputs by F.batch_norm in training mode."""
+    conv = m.layer(op)
+    w = F.batch_norm(conv.weight.reshape(1, conv.out_channels, -1), None, None, training=True, momentum=0.0)
+    return F.conv2d(x, w.reshape_as(conv.weight), conv.bias, 1, op.get("k") // 2)
+
+
+def _draw_einsum_attention(rng: random.Random, shapes: list[Shape]) -> dict[str, Any]:
+    return {"heads": rng.choice([1, 2]), "dim": rng.choice([2, 3])}
+
+
+def _run_einsum_attention(m: FuzzModel, op: Op, x: torch.Tensor) -> torch.Tensor:
+    """Attention written with einsum, heads split by unflatten."""
+    h, hd = op.get("heads"), op.get("dim")
+    q, k, v = (m.layer(op, n)(x).unflatten(-1, (h, hd)) for n in ("q", "k", "v"))
+    a = torch.einsum("bqhd,bkhd->bhqk", q, k).softmax(-1)
+    return m.layer(op, "o")(torch.einsum("bhqk,bkhd->bqhd", a, v).flatten(2))
+
+
+def _make_einsum_attention(p: dict[str, Any], shapes: list[Shape]) -> dict[str, Any]:
+    d, width = shapes[0][-1], p["heads"] * p["dim"]
+    return {"q": nn.Linear(d, width), "k": nn.Linear(d, width), "v": nn.Linear(d, width), "o": nn.Linear(width, d)}
+
+
+def _run_stack(m: FuzzModel, op: Op, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Two values stacked on a new axis and combined over it."""
+    s = torch.stack([x, y], 1)
+    return s.amax(1) + s.mean(1)
+
+
 KINDS: dict[str, Kind] = {
     "conv": Kind(lambda m, op, x: m.layer(op)(x), _img, _draw_conv, _make_conv, weight=3.0),
     "conv_t": Kind(lambda m, op, x: m.layer(op)(x), _img, _draw_conv_t, _make_conv_t),
@@ -868,6 +907,10 @@ KINDS: dict[str, Kind] = {
     "positional": Kind(_run_positional, lambda s: _img(s) or _tok(s), _draw_positional, _make_positional, weight=0.6),
     "conv1d": Kind(_run_conv1d, _tok, _draw_conv1d, _make_conv1d, weight=0.6),
     "bmm_attention": Kind(_run_bmm_attention, _tok, _draw_bmm_attention, _make_bmm_attention, weight=0.7),
+    "ws_conv": Kind(_run_ws_conv, _img, _draw_ws_conv, _make_ws_conv, weight=0.5),
+    "einsum_attention": Kind(_run_einsum_attention, _tok, _draw_einsum_attention, _make_einsum_attention,
+                             weight=0.5),
+    "stack": Kind(_run_stack, _any, arity=2, weight=0.4),
     "project": Kind(_run_project, lambda s: _img(s) or _tok(s), _draw_project, _make_project, arity=2,
                     partner=lambda a, b: len(a) == len(b) and a[0] == b[0] and (a[2:] == b[2:] if len(a) == 4
                                                                                 else a[1] == b[1]),

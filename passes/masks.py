@@ -23,23 +23,26 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
-from .dims import Atom, Concat, Expr, Product, Sizes
+from .dims import Atom, Concat, Expr, Product, Sizes, atoms_of
 
-__all__ = ["AxisMask", "Spec", "spec_of", "runtime_mask"]
+__all__ = ["AxisMask", "Spec", "spec_of", "static_atoms", "runtime_mask"]
 
 
 @dataclass(frozen=True, eq=False)
 class Spec:
     """One axis: ``kind`` ("atom", "product" or "concat"), its size in the example,
-    ``keep`` (the kept units of a pruned atom), its ``parts``, and whether its size is
-    ``fixed`` (it holds pruned atoms only) or ``touched`` (it holds a pruned atom)."""
+    ``keep`` (the kept units of a pruned atom), its ``parts``, whether an atom is known
+    ``static`` (its size never changes: a parameter's axis, a size export fixed), and
+    whether the whole is ``fixed`` (static or pruned atoms only) or ``touched`` (it holds
+    a pruned atom)."""
 
     kind: str
     size: int
     keep: torch.Tensor | None = None
     parts: tuple["Spec", ...] = ()
+    static: bool = False
 
     @property
     def touched(self) -> bool:
@@ -47,17 +50,33 @@ class Spec:
 
     @property
     def fixed(self) -> bool:
-        return self.keep is not None if self.kind == "atom" else all(p.fixed for p in self.parts)
+        if self.kind == "atom":
+            return self.keep is not None or self.static
+        return all(p.fixed for p in self.parts)
 
 
-def spec_of(expr: Expr, sizes: Sizes) -> Spec:
-    """The structure of a resolved axis expression under the removed units of ``sizes``."""
+def spec_of(expr: Expr, sizes: Sizes, static: frozenset[Atom] = frozenset()) -> Spec:
+    """The structure of a resolved axis expression under the removed units of ``sizes``;
+    ``static`` atoms never change size."""
     if isinstance(expr, Atom):
-        return Spec("atom", expr.size, sizes.mask(expr) if expr in sizes.removed else None)
+        return Spec("atom", expr.size, sizes.mask(expr) if expr in sizes.removed else None, static=expr in static)
     if isinstance(expr, Product):
-        return Spec("product", expr.size, parts=tuple(spec_of(f, sizes) for f in expr.factors))
+        return Spec("product", expr.size, parts=tuple(spec_of(f, sizes, static) for f in expr.factors))
     assert isinstance(expr, Concat)
-    return Spec("concat", expr.size, parts=tuple(spec_of(p, sizes) for p in expr.parts))
+    return Spec("concat", expr.size, parts=tuple(spec_of(p, sizes, static) for p in expr.parts))
+
+
+def static_atoms(gm: fx.GraphModule, params: dict[str, tuple[Expr, ...]], nodes: dict[str, Any]) -> frozenset[Atom]:
+    """Atoms whose size cannot change at run time: every atom of a parameter's axes, and,
+    in a graph from torch.export, every atom of an axis export kept static."""
+    found = {a for axes in params.values() for e in axes for a in atoms_of(e)}
+    for node in gm.graph.nodes:
+        value, axes = node.meta.get("val"), nodes.get(node.name)
+        if isinstance(value, torch.Tensor) and isinstance(axes, tuple) and len(axes) == value.dim():
+            for n, e in zip(value.shape, axes):
+                if not (isinstance(n, torch.SymInt) and n.node.expr.free_symbols):
+                    found.update(atoms_of(e))
+    return frozenset(found)
 
 
 def runtime_mask(spec: Spec, n: int) -> torch.Tensor:

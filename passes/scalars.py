@@ -108,6 +108,13 @@ def reads_pruned_size(node: Any, nodes: dict[str, Any], sizes: Sizes) -> bool:
         if _is_size(node) and len(node.args) > 1:
             return sizes.touches(axes[node.args[1]])
         return any(sizes.touches(e) for e in axes)
+    whole = isinstance(source, fx.Node) and (_is_shape(source) or (_is_size(source) and len(source.args) == 1))
+    if node.target is operator.getitem and whole:
+        axes = nodes.get(source.args[0].name)
+        index = node.args[1]
+        if isinstance(axes, tuple) and isinstance(index, (int, slice)):  # x.shape[0]: only that axis counts
+            picked = axes[index] if isinstance(index, slice) else (axes[index],)
+            return any(sizes.touches(e) for e in picked)
     return any(reads_pruned_size(a, nodes, sizes) for a in node.all_input_nodes)
 
 

@@ -25,7 +25,7 @@ from .errors import PlanError
 from .meta import VALUE, TensorMeta
 from .mha import PrunedMultiheadAttention
 from .rules.context import Literal, Measured
-from .scalars import UNKNOWN, pruned_value
+from .scalars import UNKNOWN, pruned_value, reads_pruned_size
 
 __all__ = ["replace_module", "shrink", "Sizes"]
 
@@ -313,20 +313,23 @@ def _shape_args(node: fx.Node, nodes: dict[str, Any], sizes: Sizes) -> bool:
         return False
     new = list(shape)
     for i in wrong:
-        new[i] = _kept_size(node, shape[i], out[i], sizes)
+        new[i] = _kept_size(node, shape[i], out[i], nodes, sizes)
     node.args = (node.args[0], tuple(new)) if packed else (node.args[0], *new)
     return True
 
 
-def _kept_size(node: fx.Node, old: Any, expr: Expr, sizes: Sizes) -> Any:
+def _kept_size(node: fx.Node, old: Any, expr: Expr, nodes: dict[str, Any], sizes: Sizes) -> Any:
     """The size argument, standing before ``node``, for the kept part of axis ``expr``, whose
     argument was ``old``: the kept count when ``old`` is a literal or the axis holds pruned
     atoms only; for a size computed in the graph over an axis that also holds parts that
     lose nothing (a batch, read at run time), the same computation rescaled: divided by the
     pruned factors' sizes and multiplied by their kept counts (a product), or less the
-    removed count (a concatenation)."""
+    removed count (a concatenation). A computed size that reads a pruned size itself (``c //
+    g``) counts channels: the kept count, as a literal."""
     kept = sizes.size(expr)
     if not isinstance(old, fx.Node) or all(a in sizes.removed for a in atoms_of(expr)):
+        return kept
+    if reads_pruned_size(old, nodes, sizes):  # ``c // g`` of a pruned c: a count of channels, static
         return kept
     graph = node.graph
     with graph.inserting_before(node):

@@ -33,7 +33,7 @@ from torch.nn.utils import parametrize
 
 from .dims import Atom, Expr, Sizes
 from .errors import InputError, PlanError
-from .masks import AxisMask, spec_of
+from .masks import AxisMask, spec_of, static_atoms
 from .meta import VALUE, TensorMeta
 from .rules import pointwise
 from .scalars import pruned_scalars
@@ -78,7 +78,7 @@ def simulate_graph(
     _check_methods(gm, methods)
     sizes = Sizes(removed)
     _mask_parameters(gm, params, sizes, {t for t, m in methods.items() if m == "bypass"})
-    run = _Pass(gm, nodes, sizes, iter(range(1 << 30)))
+    run = _Pass(gm, nodes, sizes, iter(range(1 << 30)), static_atoms(gm, params, nodes))
     unknown = pruned_scalars(gm, nodes, sizes, VALUE_OPS)
     if unknown:
         raise PlanError(f"simulate cannot tell the value that {unknown[0]} computes from a pruned size in the pruned "
@@ -107,6 +107,7 @@ class _Pass:
     nodes: dict[str, Any]
     sizes: Sizes
     counter: Iterator[int]
+    static: frozenset[Atom]
 
     def touches(self, axes: tuple[Expr, ...]) -> bool:
         return any(self.sizes.touches(e) for e in axes)
@@ -121,12 +122,15 @@ class _Pass:
     def mask(self, value: fx.Node, axes: tuple[Expr, ...], before: fx.Node) -> fx.Node:
         """A node, inserted before ``before``, giving the mask of ``value`` (axes ``axes``)."""
         name = f"{MASK_PREFIX}{next(self.counter)}"
-        specs = [spec_of(e, self.sizes) if self.sizes.touches(e) else None for e in axes]
+        specs = [self.spec(e) if self.sizes.touches(e) else None for e in axes]
         self.gm.add_submodule(name, AxisMask(specs))
         with self.gm.graph.inserting_before(before):
             node = self.gm.graph.call_module(name, (value,))
         node.meta[MARK] = "constant"
         return node
+
+    def spec(self, expr: Expr) -> Any:
+        return spec_of(expr, self.sizes, self.static)
 
     def constant(self, value: torch.Tensor, before: fx.Node) -> fx.Node:
         name = f"{MASK_PREFIX}{next(self.counter)}"
@@ -569,7 +573,7 @@ def _attention(run: _Pass, node: fx.Node, x: tuple[Expr, ...]) -> None:
     if k is None or not run.sizes.touches(k[-2]):
         return
     specs = [None] * len(k)
-    specs[-2] = spec_of(k[-2], run.sizes)
+    specs[-2] = run.spec(k[-2])
     name = f"{MASK_PREFIX}{next(run.counter)}"
     run.gm.add_submodule(name, AxisMask(specs))
     with run.gm.graph.inserting_before(node):
@@ -616,7 +620,7 @@ def _multihead_attention(run: _Pass, node: fx.Node, x: tuple[Expr, ...]) -> None
     if k is None or not run.sizes.touches(k[seq]):
         return
     specs: list[Any] = [None] * len(k)
-    specs[seq] = spec_of(k[seq], run.sizes)
+    specs[seq] = run.spec(k[seq])
     name = f"{MASK_PREFIX}{next(run.counter)}"
     run.gm.add_submodule(name, AxisMask(specs))
     with run.gm.graph.inserting_before(node):

@@ -56,7 +56,8 @@ class AtenGraph(fx.GraphModule):
 
     ``ExportedProgram.module()`` refuses ``train()``; here ``train(mode)`` sets the mode
     arguments of batch norm and dropout ops (:data:`MODE_ARGUMENTS`) so the graph fine-tunes
-    like the model: batch statistics and dropout in train mode. Branches of the model's
+    like the model: batch statistics and dropout in train mode (a batch norm without running
+    statistics, as in weight standardization, uses the batch's in both). Branches of the model's
     Python code that read ``self.training`` were traced in the mode the model had.
     """
 
@@ -65,13 +66,21 @@ class AtenGraph(fx.GraphModule):
         for node in self.graph.nodes:
             name = getattr(getattr(node.target, "overloadpacket", None), "__name__", "")
             argument = MODE_ARGUMENTS.get(name)
-            if argument is None:
-                continue
+            if argument is None or (name == "batch_norm" and _schema_value(node, "running_mean") is None):
+                continue  # a batch norm without running statistics (weight standardization) always uses the batch's
             changed |= _set_argument(node, argument, mode)
         if changed:
             self.recompile()
         nn.Module.train(self, mode)
         return self
+
+
+def _schema_value(node: fx.Node, name: str) -> Any:
+    """The ATen op's argument ``name`` (None when absent)."""
+    for i, a in enumerate(node.target._schema.arguments):  # type: ignore[union-attr]
+        if a.name == name:
+            return node.args[i] if i < len(node.args) else node.kwargs.get(name)
+    return None
 
 
 def _set_argument(node: fx.Node, name: str, value: Any) -> bool:

@@ -17,6 +17,7 @@ __all__ = ["RULES"]
 
 KERNEL = "kernel size of a convolution"
 SPATIAL = "spatial size computed by a convolution or pooling"
+CONVOLVED = "convolved along this axis (a kernel mixes neighbouring positions)"
 
 
 def _conv(
@@ -42,6 +43,7 @@ def _conv(
         y_ch = w_out
     if bias is not None:
         cx.unify(bias[0], y_ch)
+    cx.pin(x[ch + 1 :], CONVOLVED)  # a kernel mixes neighbouring positions: a learned token there is not prunable
     return (*x[:ch], y_ch, *cx.fresh(out[ch + 1 :], SPATIAL)), group
 
 
