@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
             seconds.append(took)
             if signature is not None:
                 (failures if status == "failed" else refusals).setdefault(signature, []).append(seed)
+                if status == "failed":
+                    print(f"seed {seed} failed: {signature}", file=sys.stderr, flush=True)
             if i % 100 == 0 or i == len(work):
                 print(f"{i}/{len(work)} cases, {counts['failed']} failed, {time.perf_counter() - start:.0f} s",
                       file=sys.stderr, flush=True)

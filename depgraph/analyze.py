@@ -15,7 +15,7 @@ from passes.meta import TensorMeta
 from passes.rules import MODULE_TYPES, Context, relate
 from passes.rules.aten import EXPORT_RULES
 from passes.shapes import describe_traced, propagate_shapes
-from passes.trace import preserved_attributes, trace_export, trace_fx, trace_record
+from passes.trace import preserved_attributes, static_dims, trace_export, trace_fx, trace_record
 
 from .couple import couple
 from .groups import Analysis
@@ -109,6 +109,7 @@ def analyze(
         shapes = [tuple(a.shape) for a in args]
         raise type(exc)(f"{exc}. The example input was inferred as zeros of shape {shapes}; "
                         "pass example_inputs= with the shape the model expects") from exc
+    notes.extend(_static_note(gm, used))
     rules = EXPORT_RULES if used in ATEN_TRACERS else None
     cx = relate(gm, rules=rules)
     with preserved_attributes(model):
@@ -155,6 +156,18 @@ def _trace(
     )
 
 
+def _static_note(gm: fx.GraphModule, used: str) -> list[str]:
+    """What a graph from torch.export or the recording tracer fixed of the inputs' sizes (a
+    graph prune returns runs at other sizes of the other dimensions only)."""
+    if used == "record":
+        return ["recorded graph: specialized to the example's input shapes (it refuses others)"]
+    fixed = {name: dims for name, dims in static_dims(gm).items() if dims} if used == "export" else {}
+    if not fixed:
+        return []
+    return ["exported with these input dimensions static (a pruned graph accepts other sizes of the other "
+            "dimensions only): " + ", ".join(f"{name} {list(dims)}" for name, dims in fixed.items())]
+
+
 NO_CACHE = ("traced with use_cache=False: a key/value cache is an output of the forward, not an axis to prune; "
             "the pruned model builds its cache with the pruned sizes")
 
@@ -188,8 +201,8 @@ def _other_mode(
     None otherwise. The modules' own modes are restored afterwards."""
     if used == "record":
         return None
-    reached = _reached(gm)
-    missing = {name for name, _ in model.named_parameters()} - reached
+    reached = _reached(model, gm)
+    missing = {name for name, t in model.named_parameters() if id(t) not in reached}  # tied weights count once
     if not missing:
         return None
     modes = [(m, m.training) for m in model.modules()]
@@ -201,7 +214,7 @@ def _other_mode(
     finally:
         for m, training in modes:
             m.training = training
-    if not _reached(other) & missing:
+    if not _reached(model, other) & {id(model.get_parameter(name)) for name in missing}:
         return None
     mode = "train" if not model.training else "eval"
     notes.append(f"also traced in {mode} mode, which reaches parameters the {('eval', 'train')[model.training]} "
@@ -210,15 +223,16 @@ def _other_mode(
     return other
 
 
-def _reached(gm: fx.GraphModule) -> set[str]:
-    """Names of the parameters a graph reads (directly, or through a module it calls)."""
+def _reached(model: nn.Module, gm: fx.GraphModule) -> set[int]:
+    """The ids of the model's parameters a graph reads (directly, or through a module it calls;
+    a tied weight under any of its names)."""
     found: set[str] = set()
     for node in gm.graph.nodes:
         if node.op == "get_attr" and node.users:
             found.add(str(node.target))
         elif node.op == "call_module":
             found.update(f"{node.target}.{n}" for n, _ in gm.get_submodule(str(node.target)).named_parameters())
-    return found
+    return {id(t) for name, t in model.named_parameters(remove_duplicate=False) if name in found}
 
 
 def _unusable(tracer: str, kwargs: dict[str, Any], leaf_modules: Collection[str]) -> str | None:

@@ -96,6 +96,8 @@ class Block:
     min_ratio: float = 0.0
     max_ratio: float = 1.0
     global_id: Hashable | None = None
+    min_keep: int = 1
+    """The fewest units the block may keep (the largest ``min_keep`` of its groups)."""
 
 
 # -- parse ----------------------------------------------------------------------------
@@ -442,7 +444,8 @@ def _block(
         raise InputError(f"{name} gets {given} outside its bound {bound[0]} (config_list[{bound[1]}]): "
                          "a group without a global_group_id removes exactly its sparse_ratio; "
                          "make them agree")
-    return Block(tuple(groups), analysis.groups[groups[0]].size, ratio[0], low[0], high[0], gid)
+    keep = max(analysis.groups[g].min_keep for g in groups)
+    return Block(tuple(groups), analysis.groups[groups[0]].size, ratio[0], low[0], high[0], gid, keep)
 
 
 def _recorded(

@@ -3,6 +3,7 @@ the members that contain it."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,8 +62,9 @@ def couple(cx: Context, others: tuple[Context, ...] = ()) -> Coupling:
     members = {atom: ms for atom, ms in members.items() if any(m.name in trainable for m in ms)}
     nodes = {node.name: _resolve(u, axes) for node, axes in cx.axes.items()}
     activations = _activation_members(cx, nodes, set(members))
+    minimum = _minimum_units(cx, others)
     groups = [
-        Group(i, atom.size, tuple(ms), tuple(activations.get(atom, ())), atom)
+        Group(i, atom.size, tuple(ms), tuple(activations.get(atom, ())), atom, *minimum.get(atom, (1, "")))
         for i, (atom, ms) in enumerate(members.items())
     ]
     pins = [Pinned(a.size, u.pin_reason(a) or "", tuple(ms)) for a, ms in pinned.items()]
@@ -82,6 +84,22 @@ def _other(cx: Context) -> ModeGraph:
 
 def _resolve_measured(u: Unifier, measured: Measured) -> Measured:
     return tuple(u.resolve(e) for e in measured) if isinstance(measured, tuple) else u.resolve(measured)
+
+
+def _minimum_units(cx: Context, others: tuple[Context, ...]) -> dict[Atom, tuple[int, str]]:
+    """Per atom, the fewest units it may keep for every requirement of the rules to hold
+    (an axis that must keep ``n`` entries: each unpinned atom in it keeps enough units that,
+    with the rest of the axis whole, ``n`` remain)."""
+    u, found = cx.u, {}
+    for expr, at_least, reason in (r for c in (cx, *others) for r in c.requirements):
+        resolved = u.resolve(expr)
+        free = [a for a in _distinct_atoms(resolved) if u.pin_reason(a) is None]
+        rest = max(resolved.size // math.prod(a.size for a in free), 1) if free else resolved.size
+        need = -(-at_least // rest)
+        for atom in free:
+            if need > found.get(atom, (1, ""))[0]:
+                found[atom] = (min(need, atom.size), reason)
+    return found
 
 
 def _resolve(u: Unifier, axes: Axes) -> Axes:

@@ -774,9 +774,10 @@ def _run_positional(m: FuzzModel, op: Op, x: torch.Tensor) -> torch.Tensor:
 
 
 def _draw_conv1d(rng: random.Random, shapes: list[Shape]) -> dict[str, Any]:
-    d = shapes[0][-1]
+    d, n = shapes[0][-1], shapes[0][1]
+    recurrent = ["gru", "lstm"] if n <= 16 else []  # torch.export unrolls a recurrent layer over the sequence
     return {"out": rng.choice(WIDTHS), "groups": rng.choice([g for g in _divisors(d) if g in (1, d)]),
-            "how": rng.choice(["conv1d", "gru", "lstm"])}
+            "how": rng.choice(["conv1d", *recurrent])}
 
 
 def _make_conv1d(p: dict[str, Any], shapes: list[Shape]) -> dict[str, Any]:
@@ -1082,7 +1083,7 @@ def _random_keep(analysis: Any, seed: int) -> dict[int, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     keep = {}
     for g in analysis.groups:
-        count = int(torch.randint(1, g.size + 1, (1,), generator=gen))
+        count = int(torch.randint(g.min_keep, g.size + 1, (1,), generator=gen))
         keep[g.index] = torch.randperm(g.size, generator=gen)[:count].sort().values
     return keep
 
@@ -1134,7 +1135,7 @@ def _group_alone(model: nn.Module, analysis: Any, x: torch.Tensor, seed: int) ->
     if not analysis.groups:
         return None
     g = random.Random(seed).choice(analysis.groups)
-    plan = depgraph.Plan.from_keep(analysis, {g.index: list(range(1, g.size))})
+    plan = depgraph.Plan.from_keep(analysis, {g.index: list(range(1 if g.size > g.min_keep else 0, g.size))})
     with torch.no_grad():
         depgraph.prune(model, plan)(x)
     return None

@@ -83,6 +83,10 @@ class Group:
     members: tuple[Member, ...]
     activations: tuple[ActivationMember, ...] = field(repr=False, default=())
     atom: Atom = field(repr=False, default=Atom(0, 1))
+    min_keep: int = field(repr=False, default=1)
+    """The fewest units a plan may keep (more than one where an op needs it, such as a batch
+    norm in training mode taking statistics over the group's axis)."""
+    min_reason: str = field(repr=False, default="")
 
     @property
     def layers(self) -> list[str]:

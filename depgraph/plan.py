@@ -69,6 +69,8 @@ class Plan:
         """
         sizes = {g.index: g.size for g in analysis.groups}
         checked = {int(i): _check_units(i, units, sizes) for i, units in keep.items()}
+        for index, units in checked.items():
+            _check_minimum(analysis, index, units)
         return cls(
             checked, {i: sizes[i] for i in checked}, analysis.fingerprint, analysis.inputs, tracer=analysis.tracer,
             keywords=_keywords(analysis),
@@ -181,7 +183,7 @@ class Plan:
             )
         sizes = {g.index: g.size for g in analysis.groups}
         for index, units in self.keep.items():
-            _check_units(index, units, sizes)
+            _check_minimum(analysis, int(index), _check_units(index, units, sizes))
 
 
 def _check_units(index: Any, units: Any, sizes: dict[int, int]) -> torch.Tensor:
@@ -194,6 +196,15 @@ def _check_units(index: Any, units: Any, sizes: dict[int, int]) -> torch.Tensor:
     if int(t.min()) < 0 or int(t.max()) >= size:
         raise PlanError(f"group {index} has {size} units; kept unit indices must lie in [0, {size}), got {t.tolist()}")
     return t
+
+
+def _check_minimum(analysis: Analysis, index: int, units: torch.Tensor) -> None:
+    group = analysis.groups[index]
+    if units.numel() < group.min_keep:
+        raise PlanError(
+            f"group {index} would keep {units.numel()} of its {group.size} units; it must keep at least "
+            f"{group.min_keep}: {group.min_reason}"
+        )
 
 
 def _check_mask_names(analysis: Analysis, wanted: dict[Any, torch.Tensor]) -> None:

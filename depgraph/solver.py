@@ -163,7 +163,7 @@ def _plain_blocks(
     if low > high:
         raise InputError(f"min_sparse_ratio {low} is above max_sparse_ratio {high}")
     gid = _ALL if global_ranking else None
-    return [Block((g.index,), g.size, ratios.get(g.index, 0.0), low, high, gid) for g in analysis.groups]
+    return [Block((g.index,), g.size, ratios.get(g.index, 0.0), low, high, gid, g.min_keep) for g in analysis.groups]
 
 
 def _floor(x: float) -> int:
@@ -172,7 +172,7 @@ def _floor(x: float) -> int:
 
 def _bounds(block: Block) -> tuple[int, int]:
     """The fewest and most units ``block`` may lose."""
-    return _floor(block.min_ratio * block.size), min(_floor(block.max_ratio * block.size), block.size - 1)
+    return _floor(block.min_ratio * block.size), min(_floor(block.max_ratio * block.size), block.size - block.min_keep)
 
 
 def _keep(

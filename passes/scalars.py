@@ -119,6 +119,9 @@ def reads_pruned_size(node: Any, nodes: dict[str, Any], sizes: Sizes) -> bool:
 
 
 def _is_size(node: fx.Node) -> bool:
+    """``x.size()``, ``x.size(d)``, and export's ``aten.sym_size``."""
+    if node.op == "call_function":
+        return node.target in (torch.ops.aten.sym_size.int, torch.ops.aten.sym_size.default)
     return node.op == "call_method" and node.target == "size"
 
 
@@ -128,7 +131,7 @@ def _is_shape(node: fx.Node) -> bool:
 
 def _is_numel(node: fx.Node) -> bool:
     return (node.op == "call_method" and node.target in ("numel", "nelement")) or (
-        node.op == "call_function" and node.target is torch.numel
+        node.op == "call_function" and node.target in (torch.numel, torch.ops.aten.sym_numel.default)
     )
 
 

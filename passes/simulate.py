@@ -33,9 +33,10 @@ from torch.nn.utils import parametrize
 
 from .dims import Atom, Expr, Sizes
 from .errors import InputError, PlanError
-from .masks import AxisMask, spec_of, static_atoms
+from .masks import AxisMask, InputSizes, spec_of, static_atoms
 from .meta import VALUE, TensorMeta
-from .rules import pointwise
+from .rules import RULES, aten, pointwise, shape_ops
+from .rules.aten import EXPORT_RULES
 from .scalars import pruned_scalars
 
 __all__ = ["simulate_graph", "remove_simulation", "MASK_PREFIX"]
@@ -78,7 +79,7 @@ def simulate_graph(
     _check_methods(gm, methods)
     sizes = Sizes(removed)
     _mask_parameters(gm, params, sizes, {t for t, m in methods.items() if m == "bypass"})
-    run = _Pass(gm, nodes, sizes, iter(range(1 << 30)), static_atoms(gm, params, nodes))
+    run = _Pass(gm, nodes, sizes, iter(range(1 << 30)), static_atoms(gm, params, nodes), _input_sizes(gm, nodes))
     unknown = pruned_scalars(gm, nodes, sizes, VALUE_OPS)
     if unknown:
         raise PlanError(f"simulate cannot tell the value that {unknown[0]} computes from a pruned size in the pruned "
@@ -92,9 +93,13 @@ def simulate_graph(
         if node.op == "call_module" and methods.get(f"{node.target}._input_") == "add":
             _add_input_mask(run, node)
         axes, value = nodes.get(node.name), node.meta.get(VALUE)
-        if isinstance(axes, tuple) and isinstance(value, TensorMeta) and run.touches(axes):
-            add = node.op == "call_module" and methods.get(f"{node.target}._output_") == "add"
+        add = node.op == "call_module" and methods.get(f"{node.target}._output_") == "add"
+        masked = isinstance(axes, tuple) and isinstance(value, TensorMeta) and run.touches(axes)
+        if masked and (add or not _moves(node)):
             _mask_output(run, node, "add" if add else "mul")
+    if not run.bound.users:
+        gm.graph.erase_node(run.bound)
+        delattr(gm, str(run.bound.target))
     gm.graph.lint()
     gm.recompile()
 
@@ -108,6 +113,8 @@ class _Pass:
     sizes: Sizes
     counter: Iterator[int]
     static: frozenset[Atom]
+    bound: fx.Node
+    """The node giving the runtime sizes of the inputs' axes (:class:`InputSizes`)."""
 
     def touches(self, axes: tuple[Expr, ...]) -> bool:
         return any(self.sizes.touches(e) for e in axes)
@@ -121,11 +128,14 @@ class _Pass:
 
     def mask(self, value: fx.Node, axes: tuple[Expr, ...], before: fx.Node) -> fx.Node:
         """A node, inserted before ``before``, giving the mask of ``value`` (axes ``axes``)."""
+        return self.axis_mask([self.spec(e) if self.sizes.touches(e) else None for e in axes], value, before)
+
+    def axis_mask(self, specs: list[Any], value: Any, before: fx.Node) -> fx.Node:
+        """A node, inserted before ``before``, giving the mask of ``value`` for these specs."""
         name = f"{MASK_PREFIX}{next(self.counter)}"
-        specs = [self.spec(e) if self.sizes.touches(e) else None for e in axes]
         self.gm.add_submodule(name, AxisMask(specs))
         with self.gm.graph.inserting_before(before):
-            node = self.gm.graph.call_module(name, (value,))
+            node = self.gm.graph.call_module(name, (value, self.bound))
         node.meta[MARK] = "constant"
         return node
 
@@ -139,6 +149,41 @@ class _Pass:
             get = self.gm.graph.get_attr(name)
         get.meta[MARK] = "constant"
         return get
+
+
+def _input_sizes(gm: fx.GraphModule, nodes: dict[str, Any]) -> fx.Node:
+    """A node, after the graph's inputs, giving the runtime size of each input axis that is
+    one atom (a product mask over a batch and a sequence needs both)."""
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    first = next(n for n in gm.graph.nodes if n.op != "placeholder")
+    for node in inputs:  # exported graphs read parameters before their inputs: inputs go first
+        first.prepend(node)
+    axes = [
+        (i, d, e.id) for i, n in enumerate(inputs) if isinstance(nodes.get(n.name), tuple)
+        for d, e in enumerate(nodes[n.name]) if isinstance(e, Atom)
+    ]
+    name = f"{MASK_PREFIX}inputs"
+    gm.add_submodule(name, InputSizes(axes))
+    where = gm.graph.inserting_after(inputs[-1]) if inputs else gm.graph.inserting_before(next(iter(gm.graph.nodes)))
+    with where:
+        node = gm.graph.call_module(name, tuple(inputs))
+    node.meta[MARK] = "constant"
+    return node
+
+
+def _moves(node: fx.Node) -> bool:
+    """Whether ``node`` only moves, copies or converts the values of its (masked) inputs
+    (a reshape, a concatenation, a slice, ``contiguous``): its output needs no mask of its
+    own, and leaving it out spares masks on axes that fold a batch into heads."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    rule = RULES.get(node.target) or EXPORT_RULES.get(node.target)
+    if node.target is operator.getitem:
+        source = node.args[0]
+        if isinstance(source, fx.Node) and isinstance(source.meta.get(VALUE), TensorMeta):
+            return True  # indexing a tensor
+        return isinstance(source, fx.Node) and _moves(source)  # a piece of a split
+    return rule in MOVES
 
 
 def _check_methods(gm: fx.GraphModule, methods: dict[str, str]) -> None:
@@ -572,13 +617,9 @@ def _attention(run: _Pass, node: fx.Node, x: tuple[Expr, ...]) -> None:
     k = run.axes(key)
     if k is None or not run.sizes.touches(k[-2]):
         return
-    specs = [None] * len(k)
+    specs: list[Any] = [None] * len(k)
     specs[-2] = run.spec(k[-2])
-    name = f"{MASK_PREFIX}{next(run.counter)}"
-    run.gm.add_submodule(name, AxisMask(specs))
-    with run.gm.graph.inserting_before(node):
-        keep = run.gm.graph.call_module(name, (key,))
-    keep.meta[MARK] = "constant"
+    keep = run.axis_mask(specs, key, node)
     args = _bind(_sdpa_signature, node)
     rest = {n: v for n, v in args.items() if n not in ("query", "key", "value", "attn_mask")}
     node.target, node.op = masked_attention, "call_function"
@@ -621,12 +662,9 @@ def _multihead_attention(run: _Pass, node: fx.Node, x: tuple[Expr, ...]) -> None
         return
     specs: list[Any] = [None] * len(k)
     specs[seq] = run.spec(k[seq])
-    name = f"{MASK_PREFIX}{next(run.counter)}"
-    run.gm.add_submodule(name, AxisMask(specs))
+    keep = run.axis_mask(specs, args["key"], node)
     with run.gm.graph.inserting_before(node):
-        keep = run.gm.graph.call_module(name, (args["key"],))
         attention = run.gm.graph.get_attr(str(node.target))
-    keep.meta[MARK] = "constant"
     rest = {n: v for n, v in args.items() if n not in ("query", "key", "value")}
     node.op, node.target = "call_function", masked_multihead_attention
     node.args = (attention, args["query"], args["key"], args["value"], keep)
@@ -690,6 +728,16 @@ STATISTICS: dict[object, Callable[..., None]] = {
     _ATEN.scaled_dot_product_attention: _attention,
 }
 """Ops that reduce over an axis, and how simulation makes them count only kept entries."""
+
+MOVES = frozenset({
+    shape_ops.reshape, shape_ops.flatten, shape_ops.permute, shape_ops.transpose, shape_ops.t, shape_ops.movedim,
+    shape_ops.unsqueeze, shape_ops.squeeze, shape_ops.channel_shuffle, shape_ops.cat, shape_ops.stack,
+    shape_ops.split, shape_ops.unbind, shape_ops.narrow, shape_ops.expand, shape_ops.expand_as, shape_ops.repeat,
+    shape_ops.repeat_interleave, shape_ops.pixel_shuffle, shape_ops.pixel_unshuffle, shape_ops.flip,
+    shape_ops.fliplr, shape_ops.flipud, shape_ops.roll, shape_ops.rot90, pointwise.identity, aten.slice_rule,
+    aten.select, aten.index_select, aten.index, aten.gather,
+})
+"""Rules of ops that move, copy or convert values (a zero stays a zero, nothing new is computed)."""
 
 VALUE_OPS = frozenset(
     {op for op, rule in pointwise.RULES.items() if rule is pointwise.pointwise} | {F.scaled_dot_product_attention}

@@ -58,6 +58,7 @@ class Context:
         self.params: dict[str, tuple[Expr, ...]] = {}
         self.unsupported: list[Unsupported] = []
         self.literals: dict[fx.Node, list[tuple[Literal, Measured]]] = {}
+        self.requirements: list[tuple[Expr, int, str]] = []
         self.result: Axes = None
         self._canonical = _canonical_names(gm)
         self._modules = dict(gm.named_modules())
@@ -125,6 +126,11 @@ class Context:
         ``measured`` (a number of groups counts a group atom; a normalized shape, the
         normalized axes): pruning rewrites it to the kept count (:mod:`passes.shrink`)."""
         self.literals.setdefault(node, []).append((where, measured))
+
+    def require(self, expr: Expr, at_least: int, reason: str) -> None:
+        """State that the axis ``expr`` must keep at least ``at_least`` entries (``reason`` says
+        why); the groups whose atoms it holds then keep enough units (:mod:`depgraph.couple`)."""
+        self.requirements.append((expr, at_least, reason))
 
     def pin(self, axes: Axes, reason: str) -> None:
         """Pin every expression in an Axes structure."""

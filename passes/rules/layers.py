@@ -140,11 +140,18 @@ def batch_norm(cx: Context, node: fx.Node) -> Axes:
     return x
 
 
+BATCH_STATISTICS = "batch norm in training mode needs more than one value per channel"
+
+
 def f_batch_norm(cx: Context, node: fx.Node) -> Axes:
-    """F.batch_norm(x, running_mean, running_var, weight, bias, ...): per-channel tensors on dim 1."""
+    """F.batch_norm(x, running_mean, running_var, weight, bias, training, ...): per-channel
+    tensors on dim 1. In training mode it takes statistics over every other axis, which must
+    keep more than one entry (weight standardization normalizes a weight this way)."""
     x = cx.of(node.args[0])
     where = ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))
     _per_channel(cx, x[1 if len(x) > 1 else 0], _values(cx, node, where))
+    if arg(node, 5, "training", False) is True and len(x) > 1:
+        cx.require(Product((x[0], *x[2:])), 2, BATCH_STATISTICS)
     return x
 
 
