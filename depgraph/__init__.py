@@ -11,12 +11,14 @@ from passes.errors import DepgraphError, InputError, PlanError, ShapeError, Trac
 
 from .analyze import analyze, infer_inputs
 from .apply import prune, simulate, unsimulate
+from .costs import Cost, CostModel, cost
 from .groups import ActivationMember, Analysis, Group, Member, Pinned
 from .plan import Plan, Reconciliation
 from .solver import solve
 
 __all__ = [
-    "analyze", "infer_inputs", "solve", "prune", "simulate", "unsimulate", "Plan", "Reconciliation",
+    "analyze", "infer_inputs", "solve", "prune", "simulate", "unsimulate", "cost", "Cost", "CostModel", "Plan",
+    "Reconciliation",
     "Analysis", "Group", "Member", "ActivationMember", "Pinned",
     "DepgraphError", "TraceError", "ShapeError", "InputError", "PlanError",
 ]

@@ -123,7 +123,7 @@ def analyze(
         params=coupling.params, nodes=coupling.nodes, literals=coupling.literals, model=model,
         inputs=args if used == "record" else tuple(_describe_input(a) for a in args), tracer=used, notes=notes,
         keywords={k: _describe_input(v) for k, v in kwargs.items()} if used == "export" else {},
-        others=coupling.others,
+        others=coupling.others, lowered=coupling.lowered,
     )
     return analysis
 

@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from torch import fx
+
 from passes.dims import Atom, Expr, Unifier, atoms_of
 from passes.meta import VALUE, TensorMeta
 from passes.rules import Axes, Context
@@ -38,6 +40,8 @@ class Coupling:
     nodes: dict[str, Axes]
     literals: dict[str, list[tuple[Literal, Measured]]]
     others: list[ModeGraph]
+    lowered: dict[str, tuple[fx.GraphModule, dict[str, Axes]]]
+    """Per node related through its ATen decomposition: the mini-graph and its resolved axes."""
 
 
 def couple(cx: Context, others: tuple[Context, ...] = ()) -> Coupling:
@@ -68,7 +72,10 @@ def couple(cx: Context, others: tuple[Context, ...] = ()) -> Coupling:
         for i, (atom, ms) in enumerate(members.items())
     ]
     pins = [Pinned(a.size, u.pin_reason(a) or "", tuple(ms)) for a, ms in pinned.items()]
-    return Coupling(groups, pins, params, nodes, _literals(cx), [_other(c) for c in others])
+    lowered = {
+        name: (gm, {n.name: _resolve(u, axes) for n, axes in found.items()}) for name, (gm, found) in cx.lowered.items()
+    }
+    return Coupling(groups, pins, params, nodes, _literals(cx), [_other(c) for c in others], lowered)
 
 
 def _literals(cx: Context) -> dict[str, list[tuple[Literal, Measured]]]:

@@ -122,6 +122,8 @@ class Analysis:
     """The keyword example inputs of a torch.export analysis (metas for tensors, plain values)."""
     others: list[Any] = field(repr=False, default_factory=list)
     """Graphs of the model in the other train/eval mode (:class:`depgraph.couple.ModeGraph`)."""
+    lowered: dict[str, Any] = field(repr=False, default_factory=dict)
+    """Per node related through its ATen decomposition: (mini-graph, axes of its nodes)."""
     notes: list[str] = field(default_factory=list)
     """What the analysis changed or assumed to trace the model (``use_cache=False``), for people to read."""
 

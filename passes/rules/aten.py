@@ -528,6 +528,7 @@ def lower(cx: Context, node: fx.Node) -> Axes | None:
     sub = relate(lowered.gm, cx.u, rules=LOWERED_RULES, inputs=inputs)
     assert not sub.unsupported, "a lowered graph has a rule for every op (checked by _lower)"
     _pin_unfollowed(sub, lowered, inputs)
+    cx.lowered[node.name] = (lowered.gm, sub.axes)
     return sub.result
 
 

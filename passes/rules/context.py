@@ -59,6 +59,8 @@ class Context:
         self.unsupported: list[Unsupported] = []
         self.literals: dict[fx.Node, list[tuple[Literal, Measured]]] = {}
         self.requirements: list[tuple[Expr, int, str]] = []
+        self.lowered: dict[str, tuple[fx.GraphModule, dict[fx.Node, Axes]]] = {}
+        """Per node related through its ATen decomposition: that mini-graph and its axes."""
         self.result: Axes = None
         self._canonical = _canonical_names(gm)
         self._modules = dict(gm.named_modules())

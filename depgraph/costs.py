@@ -1,0 +1,129 @@
+"""The size and compute of a plan's pruned model, computed without building it.
+
+``depgraph.cost(analysis, plan)`` gives the parameter count and the MACs (see
+:mod:`passes.cost` for what counts) of ``prune(model, plan)`` at the analysis' example
+inputs; without a plan, of the model itself. Both are sums of products of axis sizes,
+so they are evaluated from the kept count of every group: a unit of a stem channel that
+a depthwise multiplier spreads over eight later channels costs eight times as much.
+
+>>> import torch, depgraph
+>>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+>>> a = depgraph.analyze(net, torch.zeros(3, 4))
+>>> depgraph.cost(a), depgraph.cost(a, depgraph.Plan.from_keep(a, {0: [0, 1, 2, 3]}))
+(Cost(params=58, macs=144), Cost(params=30, macs=72))
+>>> CostModel(a).per_unit()[0]  # what one unit of group 0 costs
+Cost(params=7, macs=18)
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from passes.cost import Term, kept_size, mac_terms
+from passes.dims import Atom, Expr, atoms_of
+
+from .groups import Analysis
+from .plan import Plan
+
+__all__ = ["Cost", "CostModel", "cost"]
+
+
+@dataclass(frozen=True)
+class Cost:
+    """A parameter count and a number of multiply-accumulates (one forward pass on the
+    analysis' example inputs)."""
+
+    params: int
+    macs: int
+
+
+class CostModel:
+    """Parameters and MACs of an analyzed model as functions of the kept count per group."""
+
+    def __init__(self, analysis: Analysis) -> None:
+        self.analysis = analysis
+        self.atoms = {g.index: g.atom for g in analysis.groups}
+        self.param_terms, self.fixed_params = _param_terms(analysis)
+        self.mac_terms, self.unmodeled = mac_terms(analysis.graph, analysis.params, analysis.nodes, analysis.lowered)
+        if self.unmodeled:
+            warnings.warn(f"the MACs of {', '.join(self.unmodeled[:5])} cannot be written over their axes and are not "
+                          "counted: depgraph's cost undercounts this model (please report it)", stacklevel=2)
+        by_atom: dict[Atom, list[tuple[str, int]]] = {}
+        for kind, terms in (("params", self.param_terms), ("macs", self.mac_terms)):
+            for i, term in enumerate(terms):
+                for atom in {a for f in term.factors for a in _atoms(f)}:
+                    by_atom.setdefault(atom, []).append((kind, i))
+        self._by_atom = by_atom
+
+    def counts(self, plan: Plan | dict[int, int] | None = None) -> dict[int, int]:
+        """Kept units per group index: a plan's, a dict of counts, or every unit."""
+        if plan is None:
+            return {g.index: g.size for g in self.analysis.groups}
+        if isinstance(plan, Plan):
+            plan.check(self.analysis)
+            kept = {int(i): int(units.numel()) for i, units in plan.keep.items()}
+            return {g.index: kept.get(g.index, g.size) for g in self.analysis.groups}
+        return {g.index: int(plan.get(g.index, g.size)) for g in self.analysis.groups}
+
+    def of(self, plan: Plan | dict[int, int] | None = None) -> Cost:
+        """The cost of the model ``prune(model, plan)`` returns (the model's own without a plan)."""
+        kept = self._kept(self.counts(plan))
+        memo: dict[Expr, int] = {}
+        params = self.fixed_params + sum(_value(t, kept, memo) for t in self.param_terms)
+        macs = sum(_value(t, kept, memo) for t in self.mac_terms)
+        return Cost(params, macs)
+
+    def per_unit(self, plan: Plan | dict[int, int] | None = None) -> dict[int, Cost]:
+        """Per group, what removing one more of its units saves at the plan's counts (every
+        unit kept without a plan); a group with no unit left to remove saves nothing."""
+        counts = self.counts(plan)
+        kept = self._kept(counts)
+        saved = {}
+        for index, atom in self.atoms.items():
+            if counts[index] == 0:
+                saved[index] = Cost(0, 0)
+                continue
+            fewer = {**kept, atom: kept[atom] - 1}
+            delta = {"params": 0, "macs": 0}
+            for kind, i in self._by_atom.get(atom, ()):
+                term = (self.param_terms if kind == "params" else self.mac_terms)[i]
+                delta[kind] += _value(term, kept, {}) - _value(term, fewer, {})
+            saved[index] = Cost(delta["params"], delta["macs"])
+        return saved
+
+    def _kept(self, counts: dict[int, int]) -> dict[Atom, int]:
+        return {self.atoms[i]: n for i, n in counts.items()}
+
+
+def cost(analysis: Analysis, plan: Plan | None = None) -> Cost:
+    """Parameters and MACs of ``prune(model, plan)`` at the analysis' example inputs, from
+    the axis algebra (no model is built); of the model itself without a plan."""
+    return CostModel(analysis).of(plan)
+
+
+def _param_terms(analysis: Analysis) -> tuple[list[Term], int]:
+    """A term per parameter the analysis relates (tied parameters once), and the total size
+    of the others (parameters the graph never reads keep their size)."""
+    model: Any = analysis.model
+    terms, fixed = [], 0
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    for p in dict(model.named_parameters()).values():
+        axes = next((analysis.params[n] for n in names[id(p)] if n in analysis.params), None)
+        if axes is None or len(axes) != p.dim():
+            fixed += p.numel()
+        else:
+            terms.append(Term(1, axes, names[id(p)][0]))
+    return terms, fixed
+
+
+def _atoms(expr: Expr) -> set[Atom]:
+    return set(atoms_of(expr))
+
+
+def _value(term: Term, kept: dict[Atom, int], memo: dict[Expr, int]) -> int:
+    return term.coefficient * math.prod(kept_size(f, kept, memo) for f in term.factors)
