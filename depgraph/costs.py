@@ -33,8 +33,8 @@ __all__ = ["Cost", "CostModel", "cost"]
 
 @dataclass(frozen=True)
 class Cost:
-    """A parameter count and a number of multiply-accumulates (one forward pass on the
-    analysis' example inputs)."""
+    """A parameter count (of the parameters the forward reads) and a number of
+    multiply-accumulates (one forward pass on the analysis' example inputs)."""
 
     params: int
     macs: int
@@ -105,8 +105,9 @@ def cost(analysis: Analysis, plan: Plan | None = None) -> Cost:
 
 
 def _param_terms(analysis: Analysis) -> tuple[list[Term], int]:
-    """A term per parameter the analysis relates (tied parameters once), and the total size
-    of the others (parameters the graph never reads keep their size)."""
+    """A term per parameter the forward reads (tied parameters once; the analysis relates
+    them all), and the total size of parameters it reads but has no axes for (none so far).
+    Parameters the forward never reads are not counted: a pruned graph drops them."""
     model: Any = analysis.model
     terms, fixed = [], 0
     names: dict[int, list[str]] = {}
@@ -114,7 +115,9 @@ def _param_terms(analysis: Analysis) -> tuple[list[Term], int]:
         names.setdefault(id(p), []).append(name)
     for p in dict(model.named_parameters()).values():
         axes = next((analysis.params[n] for n in names[id(p)] if n in analysis.params), None)
-        if axes is None or len(axes) != p.dim():
+        if axes is None:
+            continue
+        if len(axes) != p.dim():
             fixed += p.numel()
         else:
             terms.append(Term(1, axes, names[id(p)][0]))

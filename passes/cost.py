@@ -191,17 +191,40 @@ def _function_terms(node: fx.Node, nodes: dict[str, Any]) -> Found | None:
 
 def _einsum(node: fx.Node, nodes: dict[str, Any], out: Any) -> Found | None:
     """Two operands: ``prod(output) · prod(contracted)`` (indices in both operands, not in
-    the output; an index in one operand only is summed before the product, at no MAC)."""
+    the output; an index in one operand only is summed before the product, at no MAC).
+    ``...`` stands for the same trailing-aligned dimensions in every operand."""
     equation = node.args[0]
     operands = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
-    if not isinstance(equation, str) or "..." in equation or "->" not in equation or len(operands) != 2:
+    if not isinstance(equation, str) or "->" not in equation or len(operands) != 2:
         return None
     inputs, output = equation.replace(" ", "").split("->")
-    left, right = inputs.split(",")
-    a = _axes(operands[0], nodes)
-    if a is None or len(a) != len(left):
+    axes = [_axes(o, nodes) for o in operands]
+    if axes[0] is None or axes[1] is None:
         return None
-    return _contract(out, *(a[left.index(c)] for c in dict.fromkeys(left) if c in right and c not in output))
+    spelled = [_spelled(sub, len(a)) for sub, a in zip(inputs.split(","), axes)]
+    if spelled[0] is None or spelled[1] is None:
+        return None
+    width = max(len(a) - len(sub.replace("...", "")) for sub, a in zip(inputs.split(","), axes))
+    kept = _spelled(output, width + len(output.replace("...", "")))
+    if kept is None:
+        return None
+    by_index: dict[str, Expr] = {}
+    for letters, a in zip(spelled, axes):
+        for letter, e in zip(letters, a):
+            if by_index.get(letter) is None or by_index[letter].size == 1:
+                by_index[letter] = e
+    left, right = spelled
+    return _contract(out, *(by_index[c] for c in dict.fromkeys(left) if c in right and c not in kept))
+
+
+def _spelled(subscripts: str, rank: int) -> list[str] | None:
+    """The index letters of an operand of this rank, ``...`` spelled out as digits counted
+    from the right (``'...ij'`` of rank 4: ``['1', '0', 'i', 'j']``)."""
+    if "..." not in subscripts:
+        return list(subscripts) if len(subscripts) == rank else None
+    head, _, tail = subscripts.partition("...")
+    n = rank - len(head) - len(tail)
+    return [*head, *(str(i) for i in reversed(range(n))), *tail] if n >= 0 else None
 
 
 def _sequence(x: tuple[Expr, ...], batch_first: bool) -> tuple[Expr, ...]:
