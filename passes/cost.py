@@ -198,22 +198,20 @@ def _einsum(node: fx.Node, nodes: dict[str, Any], out: Any) -> Found | None:
     if not isinstance(equation, str) or "->" not in equation or len(operands) != 2:
         return None
     inputs, output = equation.replace(" ", "").split("->")
-    axes = [_axes(o, nodes) for o in operands]
-    if axes[0] is None or axes[1] is None:
+    a, b = (_axes(o, nodes) for o in operands)
+    subs = inputs.split(",")
+    if a is None or b is None or len(subs) != 2:
         return None
-    spelled = [_spelled(sub, len(a)) for sub, a in zip(inputs.split(","), axes)]
-    if spelled[0] is None or spelled[1] is None:
-        return None
-    width = max(len(a) - len(sub.replace("...", "")) for sub, a in zip(inputs.split(","), axes))
+    left, right = _spelled(subs[0], len(a)), _spelled(subs[1], len(b))
+    width = max(len(a) - len(subs[0].replace("...", "")), len(b) - len(subs[1].replace("...", "")))
     kept = _spelled(output, width + len(output.replace("...", "")))
-    if kept is None:
+    if left is None or right is None or kept is None:
         return None
     by_index: dict[str, Expr] = {}
-    for letters, a in zip(spelled, axes):
-        for letter, e in zip(letters, a):
-            if by_index.get(letter) is None or by_index[letter].size == 1:
+    for letters, found in ((left, a), (right, b)):
+        for letter, e in zip(letters, found):
+            if letter not in by_index or by_index[letter].size == 1:
                 by_index[letter] = e
-    left, right = spelled
     return _contract(out, *(by_index[c] for c in dict.fromkeys(left) if c in right and c not in kept))
 
 
