@@ -80,19 +80,26 @@ class CostModel:
         """Per group, what removing one more of its units saves at the plan's counts (every
         unit kept without a plan); a group with no unit left to remove saves nothing."""
         counts = self.counts(plan)
+        return {
+            index: Cost(self.saving(counts, {index: 1}, "params"), self.saving(counts, {index: 1}, "macs"))
+            if counts[index] else Cost(0, 0)
+            for index in self.atoms
+        }
+
+    def saving(self, counts: dict[int, int], fewer: dict[int, int], metric: str) -> int:
+        """What keeping ``fewer[g]`` fewer units of each group ``g`` saves of ``metric``
+        (``"params"`` or ``"macs"``) at ``counts`` (kept units per group)."""
         kept = self._kept(counts)
-        saved = {}
-        for index, atom in self.atoms.items():
-            if counts[index] == 0:
-                saved[index] = Cost(0, 0)
-                continue
-            fewer = {**kept, atom: kept[atom] - 1}
-            delta = {"params": 0, "macs": 0}
-            for kind, i in self._by_atom.get(atom, ()):
-                term = (self.param_terms if kind == "params" else self.mac_terms)[i]
-                delta[kind] += _value(term, kept, {}) - _value(term, fewer, {})
-            saved[index] = Cost(delta["params"], delta["macs"])
-        return saved
+        after = dict(kept)
+        touched: set[int] = set()
+        for index, k in fewer.items():
+            atom = self.atoms[index]
+            after[atom] = kept[atom] - k
+            touched.update(i for kind, i in self._by_atom.get(atom, ()) if kind == metric)
+        terms = self.param_terms if metric == "params" else self.mac_terms
+        before_memo: dict[Expr, int] = {}
+        after_memo: dict[Expr, int] = {}
+        return sum(_value(terms[i], kept, before_memo) - _value(terms[i], after, after_memo) for i in touched)
 
     def _kept(self, counts: dict[int, int]) -> dict[Atom, int]:
         return {self.atoms[i]: n for i, n in counts.items()}

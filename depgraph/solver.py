@@ -13,6 +13,7 @@ from .config import Block, parse, resolve
 from .groups import Analysis
 from .importance import AGGREGATES, CRITERIA, Criterion, Weights, describe, unit_scores
 from .plan import Plan
+from .targets import check_target, target_counts
 
 __all__ = ["solve"]
 
@@ -32,6 +33,7 @@ def solve(
     min_sparse_ratio: float = 0.0,
     max_sparse_ratio: float = 1.0,
     seed: int | None = None,
+    target: Mapping[str, float] | None = None,
 ) -> Plan:
     """Choose the units each group keeps: rank units by importance, remove the lowest.
 
@@ -65,6 +67,13 @@ def solve(
     seed
         Seed for ``importance="random"`` (None: a fresh random seed); the global
         random state is not used.
+    target
+        Instead of ``sparsity``: ``{"macs": f}`` or ``{"params": f}``, the fraction of the
+        model's MACs or parameters (:func:`depgraph.cost`) the pruned model keeps. Units
+        go in order of importance per cost saved, across all groups, until the cost is
+        at most the target (see :mod:`depgraph.targets`); ``round_to`` and
+        ``min/max_sparse_ratio`` bound each group. A target below what the bounds allow
+        is an error that says how low the cost can go.
 
     Returns
     -------
@@ -101,6 +110,12 @@ def solve(
     {0: tensor([0, 2])}
     """
     _check_options(importance, aggregate, round_to, seed)
+    if target is not None:
+        if sparsity is not None or config_list is not None or global_ranking:
+            raise InputError("target= chooses how much every group removes: pass it without sparsity=, "
+                             "config_list= or global_ranking=")
+        return _solve_target(analysis, check_target(target), importance, aggregate, round_to,
+                             (min_sparse_ratio, max_sparse_ratio), _generator(seed))
     if (sparsity is None) == (config_list is None):
         raise InputError(
             "pass exactly one of sparsity= (a fraction, or {group index: fraction}) and config_list="
@@ -113,15 +128,36 @@ def solve(
     else:
         blocks = _plain_blocks(analysis, sparsity, global_ranking, min_sparse_ratio, max_sparse_ratio)
         settings = {}
+    keep = _keep(analysis, blocks, importance, aggregate, round_to, _generator(seed))
+    plan = Plan.from_keep(analysis, keep)
+    plan.settings = settings
+    return plan
+
+
+def _generator(seed: int | None) -> torch.Generator:
     generator = torch.Generator()
     if seed is None:
         generator.seed()
     else:
         generator.manual_seed(seed)
-    keep = _keep(analysis, blocks, importance, aggregate, round_to, generator)
-    plan = Plan.from_keep(analysis, keep)
-    plan.settings = settings
-    return plan
+    return generator
+
+
+def _solve_target(analysis: Analysis, target: tuple[str, float], importance: Criterion, aggregate: str,
+                  round_to: int, ratios: tuple[float, float], generator: torch.Generator) -> Plan:
+    low, high = _ratio("min_sparse_ratio", ratios[0]), _ratio("max_sparse_ratio", ratios[1], high=True)
+    if low > high:
+        raise InputError(f"min_sparse_ratio {low} is above max_sparse_ratio {high}")
+    blocks = [Block((g.index,), g.size, 0.0, low, high, None, g.min_keep) for g in analysis.groups]
+    weights = Weights.of(analysis.model)
+    scores = [unit_scores([analysis.groups[g] for g in b.groups], weights, importance, aggregate, generator)
+              for b in blocks]
+    counts = target_counts(analysis, blocks, scores, [_bounds(b) for b in blocks], target, round_to)
+    keep = {}
+    for block, s, count in zip(blocks, scores, counts):
+        if count:
+            keep[block.groups[0]] = torch.sort(s, stable=True).indices[count:].sort().values
+    return Plan.from_keep(analysis, keep)
 
 
 def _check_options(importance: Criterion, aggregate: str, round_to: int, seed: int | None) -> None:
