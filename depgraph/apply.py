@@ -128,9 +128,16 @@ def unsimulate(model: fx.GraphModule) -> fx.GraphModule:
     return model
 
 
-def _example(x: Any) -> Any:
-    """An example input from a plan's record: a meta tensor for a tensor's meta."""
-    return torch.empty(x.shape, dtype=x.dtype, device="meta") if isinstance(x, TensorMeta) else x
+def _example(x: Any, device: torch.device) -> Any:
+    """An example input from a plan's record: zeros of a tensor's meta, on the model's device
+    (a meta tensor for a model on ``meta``). Tensors the forward creates from the inputs'
+    device (the index tensor of ``x[:, [0, 0]]``, which export keeps as a constant) must
+    hold values, so a real model gets real inputs; export runs on fake tensors either way."""
+    if not isinstance(x, TensorMeta):
+        return x
+    if device.type == "meta":
+        return torch.empty(x.shape, dtype=x.dtype, device="meta")
+    return torch.zeros(x.shape, dtype=x.dtype, device=device)
 
 
 def _prepare(model: nn.Module, plan: Plan, inplace: bool) -> tuple[nn.Module, Analysis, dict]:
@@ -140,9 +147,10 @@ def _prepare(model: nn.Module, plan: Plan, inplace: bool) -> tuple[nn.Module, An
         raise TypeError(
             f"plan must be a depgraph.Plan, got {type(plan).__name__}: make one with depgraph.solve or Plan.from_keep"
         )
-    inputs: Any = tuple(_example(x) for x in plan.inputs)
+    device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
+    inputs: Any = tuple(_example(x, device) for x in plan.inputs)
     if plan.keywords:  # analyze takes keyword inputs as a dict
-        inputs = {name: _example(x) for name, x in plan.keywords.items()}
+        inputs = {name: _example(x, device) for name, x in plan.keywords.items()}
     target = model if inplace else copy.deepcopy(model)
     try:
         # the frontend the plan was made with; analyze changes nothing, so a failed check leaves model intact

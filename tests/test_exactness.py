@@ -247,11 +247,24 @@ def test_a_batch_folded_with_concatenated_tokens(tracer: str) -> None:
     assert any(m.name == "register" and m.dim == 1 for g in a.groups for m in g.members)
 
 
-@pytest.mark.parametrize("seed", [889, 22233])
+def test_a_constant_the_forward_creates_keeps_its_values_through_export() -> None:
+    """``x[..., [0, 0, 1]]`` makes an index tensor on the input's device, which export keeps
+    as a constant. prune and simulate analyze the model again; a model without parameters
+    was then exported on meta inputs and its constant had no values (both returned zeros,
+    and agreed: fuzz seed 4066). Now they get inputs on the model's device (the CPU)."""
+    model = Lambda(lambda s, x: x[..., [0, 0, 1]] * 2).eval()
+    a = depgraph.analyze(model, TOK, tracer="export")
+    plan = depgraph.Plan.from_keep(a, {})
+    for result in (depgraph.prune(model, plan), depgraph.simulate(model, plan)):
+        torch.testing.assert_close(result(TOK), model(TOK))
+
+
+@pytest.mark.parametrize("seed", [889, 4066, 22233])
 def test_fuzz_seeds_that_once_failed(seed: int) -> None:
     """889: export reads a size from a concatenation that lost tokens (``aten.sym_size``,
-    already the pruned size at run time, was rescaled again); 22233: a mask placed after a
-    reshape that folds the batch with learned tokens."""
+    already the pruned size at run time, was rescaled again); 4066: an index tensor the
+    forward creates, exported on meta inputs; 22233: a mask placed after a reshape that
+    folds the batch with learned tokens."""
     status, failure = fuzz.outcome(fuzz.generate(seed))
     assert status == "passed", failure
 
