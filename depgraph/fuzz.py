@@ -13,7 +13,8 @@ The property (:func:`check`): ``analyze`` succeeds or refuses with a
 :class:`~depgraph.DepgraphError`; for a random plan, ``prune`` and ``simulate`` agree
 within 1e-4 of the output's scale at the example's batch size and at another one, in
 eval mode and in train mode; the pruned model trains (a backward pass runs); pruning one
-group alone gives a model that runs; the caller's model is unchanged.
+group alone gives a model that runs; a plan that keeps every unit computes what the model
+computes, pruned and simulated; the caller's model is unchanged.
 
 >>> program = generate(3)
 >>> check(program) is None
@@ -1059,6 +1060,7 @@ def outcome(program: Program, *, other_batch: int = 3, train: bool = True) -> tu
     steps: list[tuple[str, Callable[[], Failure | None]]] = [
         ("compare", lambda: _compare(model, plan, [x, example(program, other_batch)], train=False)),
         ("group", lambda: _group_alone(model, analysis, x, program.seed)),
+        ("whole", lambda: _whole(model, analysis, x)),
     ]
     if train:
         steps.append(("train", lambda: _compare(model, plan, [example(program, other_batch)], train=True)))
@@ -1106,20 +1108,45 @@ def _compare(model: nn.Module, plan: Any, inputs: list[torch.Tensor], train: boo
             return _failure("simulate-run", exc)
         if len(yp) != len(ys):
             return Failure("compare", f"{len(yp)} outputs pruned, {len(ys)} simulated")
-        for a, b in zip(yp, ys):
-            if a.shape != b.shape:
-                return Failure("compare", f"shapes differ: pruned {tuple(a.shape)}, simulated {tuple(b.shape)}")
-            a, b = a.detach(), b.detach()
-            same_nan = a.isnan() & b.isnan()
-            scale = max(b.nan_to_num(0.0).abs().max().item() if b.numel() else 0.0, 1e-3)
-            err = torch.where(same_nan, 0.0, (a - b).abs()).max().item() if a.numel() else 0.0
-            if not err <= RTOL * scale:
-                where = "train mode" if train else f"batch {x.shape[0]}"
-                return Failure("compare", f"prune and simulate differ at {where}: {err:.3g} (scale {scale:.3g})")
+        differ = _differ(yp, ys, "pruned", "simulated")
+        if differ is not None:
+            where = "train mode" if train else f"batch {x.shape[0]}"
+            return Failure("compare", f"prune and simulate differ at {where}: {differ}")
         if train:
             loss = sum(y.sum() for y in yp if y.requires_grad)
             if isinstance(loss, torch.Tensor):
                 loss.backward()
+    return None
+
+
+def _differ(first: list[torch.Tensor], second: list[torch.Tensor], a_name: str, b_name: str) -> str | None:
+    """How two lists of outputs differ beyond :data:`RTOL` of the second's scale, or None."""
+    if len(first) != len(second):
+        return f"{len(first)} outputs {a_name}, {len(second)} {b_name}"
+    for a, b in zip(first, second):
+        if a.shape != b.shape:
+            return f"shapes differ: {a_name} {tuple(a.shape)}, {b_name} {tuple(b.shape)}"
+        a, b = a.detach(), b.detach()
+        same_nan = a.isnan() & b.isnan()
+        scale = max(b.nan_to_num(0.0).abs().max().item() if b.numel() else 0.0, 1e-3)
+        err = torch.where(same_nan, 0.0, (a - b).abs()).max().item() if a.numel() else 0.0
+        if not err <= RTOL * scale:
+            return f"{err:.3g} (scale {scale:.3g})"
+    return None
+
+
+def _whole(model: nn.Module, analysis: Any, x: torch.Tensor) -> Failure | None:
+    """A plan that keeps every unit: prune and simulate compute what the model computes (a
+    defect that makes both wrong alike shows here)."""
+    import depgraph
+
+    plan = depgraph.Plan.from_keep(analysis, {})
+    with torch.no_grad():
+        want = _leaves(model(x))
+        for name, result in (("prune", depgraph.prune(model, plan)), ("simulate", depgraph.simulate(model, plan))):
+            differ = _differ(_leaves(result.eval()(x)), want, name, "original")
+            if differ is not None:
+                return Failure("whole", f"{name} with every unit kept differs from the model: {differ}")
     return None
 
 
