@@ -11,7 +11,7 @@ from passes.errors import DepgraphError, InputError, PlanError, ShapeError, Trac
 
 from .analyze import analyze, infer_inputs
 from .apply import prune, simulate, unsimulate
-from .calibrate import recalibrate_batch_norm
+from .calibrate import gradient_importance, recalibrate_batch_norm
 from .costs import Cost, CostModel, cost
 from .groups import ActivationMember, Analysis, Group, Member, Pinned
 from .plan import Plan, Reconciliation
@@ -19,7 +19,7 @@ from .solver import solve
 
 __all__ = [
     "analyze", "infer_inputs", "solve", "prune", "simulate", "unsimulate", "cost", "Cost", "CostModel",
-    "recalibrate_batch_norm", "Plan", "Reconciliation",
+    "recalibrate_batch_norm", "gradient_importance", "Plan", "Reconciliation",
     "Analysis", "Group", "Member", "ActivationMember", "Pinned",
     "DepgraphError", "TraceError", "ShapeError", "InputError", "PlanError",
 ]

@@ -1,4 +1,5 @@
-"""Re-estimating batch-norm statistics after pruning: ``depgraph.recalibrate_batch_norm``.
+"""Calibration data: batch-norm statistics after pruning (``depgraph.recalibrate_batch_norm``)
+and data-driven importance before it (``depgraph.gradient_importance``).
 
 Pruning removes channels, so every later batch norm sees inputs whose statistics moved
 (a conv that lost input channels sums fewer terms); its running mean and variance, kept
@@ -17,7 +18,7 @@ gradient), give each batch norm the average of its per-batch statistics again.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -25,7 +26,15 @@ from torch import nn
 
 from passes.errors import InputError
 
-__all__ = ["recalibrate_batch_norm"]
+from .importance import ElementScores
+
+__all__ = ["recalibrate_batch_norm", "gradient_importance", "KINDS"]
+
+KINDS = ("taylor", "hessian")
+"""``taylor``: ``|w · g|`` with ``g`` the gradient summed over the batches (first-order
+Taylor, the group Taylor of the DepGraph paper once summed over a unit's entries);
+``hessian``: ``w² · Σ g_b² / 2`` over batches ``b`` (the diagonal Fisher as the Hessian of
+Optimal Brain Damage)."""
 
 
 def recalibrate_batch_norm(model: nn.Module, batches: Iterable[Any], *, inplace: bool = False) -> nn.Module:
@@ -70,3 +79,62 @@ def _call(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, (tuple, list)):
         return model(*batch)
     return model(batch)
+
+
+def gradient_importance(
+    model: nn.Module, batches: Iterable[Any], *, loss: Callable[[Any, Any], torch.Tensor] | None = None,
+    kind: str = "taylor",
+) -> ElementScores:
+    """Per-entry importance of every parameter that gets a gradient, from ``batches`` (as in
+    :func:`recalibrate_batch_norm`), for ``solve(..., importance=scores)``. ``loss(output,
+    batch)`` gives the loss of one batch (the mean square of the outputs when None). Runs
+    in the model's current mode; gradients come from ``torch.autograd.grad`` (no ``.grad``
+    written) and buffers a forward updates are restored: the model is not changed. Only
+    running sums are kept (one tensor per parameter), never activations."""
+    if kind not in KINDS:
+        raise InputError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise InputError(f"{type(model).__name__} has no parameter that requires a gradient")
+    if any(p.is_meta for _, p in named):
+        raise InputError("the model is on the meta device: gradients need real weights")
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    sums = [torch.zeros_like(p, dtype=torch.float32) for _, p in named]
+    seen = 0
+    try:
+        for batch in batches:
+            output = _call(model, batch)
+            value = loss(output, batch) if loss is not None else _output_norm(output)
+            grads = torch.autograd.grad(value, [p for _, p in named], allow_unused=True)
+            for total, g in zip(sums, grads):
+                if g is not None:
+                    total.add_(g.float() if kind == "taylor" else g.float().square())
+            seen += 1
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
+    if not seen:
+        raise InputError("batches gave no batch: pass an iterable of inputs (tensors, tuples or dicts)")
+    scores = ElementScores()
+    for (name, p), total in zip(named, sums):
+        w = p.detach().float()
+        scores[name] = (w * total).abs() if kind == "taylor" else w.square() * total / 2
+    return scores
+
+
+def _output_norm(output: Any) -> torch.Tensor:
+    leaves = [t for t in _leaves(output) if t.is_floating_point() and t.requires_grad]
+    if not leaves:
+        raise InputError("the model's output holds no tensor that depends on its parameters: pass loss=")
+    return sum((t.float().square().mean() for t in leaves), torch.zeros(()))
+
+
+def _leaves(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        return [t for v in value.values() for t in _leaves(v)]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _leaves(v)]
+    return []

@@ -13,6 +13,9 @@ Criteria:
   that are the ``weight`` of a normalization layer (BatchNorm, InstanceNorm,
   GroupNorm, LayerNorm, RMSNorm) only; a group with none is an error;
 - ``"random"``: uniform in [0, 1) from the caller's generator;
+- :class:`ElementScores` (from :func:`depgraph.gradient_importance`: per-entry scores of
+  every parameter, such as ``|w · ∂L/∂w|``): the sum of the scores of a unit's entries in
+  each parameter member (the group Taylor of the DepGraph paper);
 - a callable ``f(group, tensors) -> scores``: ``tensors`` maps each member's name to
   its parameter or buffer (detached, sharing memory: do not modify it), ``scores``
   must hold ``group.size`` finite values. Higher means more important.
@@ -32,9 +35,14 @@ from passes.errors import InputError
 
 from .groups import Group, Member
 
-__all__ = ["CRITERIA", "AGGREGATES", "Weights", "unit_scores", "describe"]
+__all__ = ["CRITERIA", "AGGREGATES", "ElementScores", "Weights", "unit_scores", "describe"]
 
-Criterion = Union[str, Callable[[Group, Mapping[str, torch.Tensor]], Any]]
+
+class ElementScores(dict):  # type: ignore[type-arg]
+    """A score per entry of each parameter, by parameter name (see :func:`depgraph.gradient_importance`)."""
+
+
+Criterion = Union[str, ElementScores, Callable[[Group, Mapping[str, torch.Tensor]], Any]]
 
 CRITERIA = ("l1", "l2", "bn_scale", "random")
 AGGREGATES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -94,6 +102,12 @@ def unit_scores(
 def _group_scores(
     group: Group, weights: Weights, importance: Criterion, aggregate: str, generator: torch.Generator | None
 ) -> torch.Tensor:
+    if isinstance(importance, ElementScores):
+        found = [(m, importance[m.name]) for m in group.members if m.name in importance]
+        if not found:
+            raise InputError(f"the element scores hold no parameter of {describe(group)}: compute them on the "
+                             "model that was analyzed")
+        return AGGREGATES[aggregate](torch.stack([_member_scores(m, t, 1) for m, t in found]))
     if callable(importance):
         return _called(importance, group, weights)
     if importance == "random":

@@ -11,7 +11,7 @@ from passes.errors import InputError
 
 from .config import Block, parse, resolve
 from .groups import Analysis
-from .importance import AGGREGATES, CRITERIA, Criterion, Weights, describe, unit_scores
+from .importance import AGGREGATES, CRITERIA, Criterion, ElementScores, Weights, describe, unit_scores
 from .plan import Plan
 from .targets import check_target, target_counts
 
@@ -51,8 +51,9 @@ def solve(
         ``min/max_sparse_ratio``, ``global_group_id``, ``dependency_group_id``;
         ``apply_method`` settings are recorded in ``plan.settings``.
     importance
-        ``"l1"``, ``"l2"``, ``"bn_scale"``, ``"random"`` or a callable ``f(group, tensors)``
-        returning one score per unit (see :mod:`depgraph.importance`).
+        ``"l1"``, ``"l2"``, ``"bn_scale"``, ``"random"``, the per-entry scores of
+        :func:`depgraph.gradient_importance` (Taylor, Hessian: data-driven), or a callable
+        ``f(group, tensors)`` returning one score per unit (see :mod:`depgraph.importance`).
     aggregate
         How member scores (and a dependency group's groups' scores) combine:
         ``"mean"``, ``"sum"`` or ``"max"``.
@@ -161,7 +162,7 @@ def _solve_target(analysis: Analysis, target: tuple[str, float], importance: Cri
 
 
 def _check_options(importance: Criterion, aggregate: str, round_to: int, seed: int | None) -> None:
-    if not callable(importance) and importance not in CRITERIA:
+    if not callable(importance) and not isinstance(importance, ElementScores) and importance not in CRITERIA:
         raise InputError(f"importance must be one of {', '.join(CRITERIA)} or a callable, got {importance!r}")
     if aggregate not in AGGREGATES:
         raise InputError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")

@@ -52,3 +52,73 @@ def test_clear_errors() -> None:
         depgraph.recalibrate_batch_norm(nn.Linear(2, 2), [torch.zeros(1, 2)])
     with pytest.raises(depgraph.InputError, match="batches gave no batch"):
         depgraph.recalibrate_batch_norm(_net(), [])
+
+
+def _two_layers() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 2)).eval()
+
+
+def test_taylor_and_hessian_by_hand() -> None:
+    """Per entry: taylor = |w · Σ_b g_b|, hessian = w² · Σ_b g_b² / 2, with the mean square of
+    the output as the loss; a unit's score sums its entries in every member (mean over the
+    members, as the magnitude criteria)."""
+    model = _two_layers()
+    batches = [torch.randn(4, 2, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    grads = [torch.autograd.grad(model(x).square().mean(), list(model.parameters())) for x in batches]
+    params = dict(model.named_parameters())
+    taylor = depgraph.gradient_importance(model, batches)
+    hessian = depgraph.gradient_importance(model, batches, kind="hessian")
+    for i, name in enumerate(params):
+        w = params[name].detach()
+        torch.testing.assert_close(taylor[name], (w * (grads[0][i] + grads[1][i])).abs())
+        torch.testing.assert_close(hessian[name], w.square() * (grads[0][i].square() + grads[1][i].square()) / 2)
+    a = depgraph.analyze(model, torch.zeros(1, 2))
+    by_unit = (taylor["0.weight"].sum(1) + taylor["0.bias"] + taylor["1.weight"].sum(0)) / 3
+    weakest = int(by_unit.argmin())
+    plan = depgraph.solve(a, 0.34, importance=taylor)
+    assert plan.keep[0].tolist() == [u for u in range(3) if u != weakest]
+    assert all(p.grad is None for p in model.parameters())  # no gradient left on the caller's model
+
+
+def test_gradient_importance_leaves_the_model_as_it_was() -> None:
+    model = _net().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scores = depgraph.gradient_importance(model, [torch.randn(4, 3, 8, 8)], loss=lambda out, x: out.sum())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # batch norm buffers too
+    assert set(scores) == {n for n, _ in model.named_parameters()} and model.training
+    with pytest.raises(depgraph.InputError, match="kind must be one of taylor, hessian"):
+        depgraph.gradient_importance(model, [torch.randn(4, 3, 8, 8)], kind="fisher")
+
+
+def test_taylor_ranks_a_llama_analyzed_through_export() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = [torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    a = depgraph.analyze(model, {"input_ids": ids[0], "use_cache": False})
+    scores = depgraph.gradient_importance(model, [{"input_ids": x, "labels": x} for x in ids],
+                                          loss=lambda out, batch: out.loss)
+    plan = depgraph.solve(a, 0.5, importance=scores)
+    assert plan.keep and depgraph.solve(a, 0.5, importance=scores).keep.keys() == plan.keep.keys()
+    assert all(torch.equal(plan.keep[i], depgraph.solve(a, 0.5, importance=scores).keep[i]) for i in plan.keep)
+
+
+def test_taylor_ranks_a_recorded_model() -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 6), nn.Linear(6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)
+            return self.b(y if y.sum() > 0 else -y)
+
+    torch.manual_seed(0)
+    model, x = Branchy().eval(), torch.randn(2, 8)
+    a = depgraph.analyze(model, x, tracer="record")
+    scores = depgraph.gradient_importance(model, [x])
+    by_unit = (scores["a.weight"].sum(1) + scores["a.bias"] + scores["b.weight"].sum(0)) / 3
+    assert depgraph.solve(a, 0.5, importance=scores).keep[0].tolist() == sorted(by_unit.argsort()[3:].tolist())
