@@ -64,10 +64,10 @@ def recalibrate_batch_norm(model: nn.Module, batches: Iterable[Any], *, inplace:
                 _call(target, batch)
                 seen += 1
     finally:
-        for m, training in modes.items():
-            m.training = training
-        for m, momentum in momenta.items():
-            m.momentum = momentum
+        for module, training in modes.items():
+            module.training = training
+        for norm, momentum in momenta.items():
+            norm.momentum = momentum
     if not seen:
         raise InputError("batches gave no batch: pass an iterable of inputs (tensors, tuples or dicts)")
     return target
