@@ -97,7 +97,8 @@ def _minimum_units(cx: Context, others: tuple[Context, ...]) -> dict[Atom, tuple
     """Per atom, the fewest units it may keep for every requirement of the rules to hold
     (an axis that must keep ``n`` entries: each unpinned atom in it keeps enough units that,
     with the rest of the axis whole, ``n`` remain)."""
-    u, found = cx.u, {}
+    u = cx.u
+    found: dict[Atom, tuple[int, str]] = {}
     for expr, at_least, reason in (r for c in (cx, *others) for r in c.requirements):
         resolved = u.resolve(expr)
         free = [a for a in _distinct_atoms(resolved) if u.pin_reason(a) is None]
