@@ -54,7 +54,7 @@ class CostModel:
         by_atom: dict[Atom, list[tuple[str, int]]] = {}
         for kind, terms in (("params", self.param_terms), ("macs", self.mac_terms)):
             for i, term in enumerate(terms):
-                for atom in {a for f in term.factors for a in _atoms(f)}:
+                for atom in {a for f in term.factors for a in atoms_of(f)}:
                     by_atom.setdefault(atom, []).append((kind, i))
         self._by_atom = by_atom
 
@@ -129,10 +129,6 @@ def _param_terms(analysis: Analysis) -> tuple[list[Term], int]:
         else:
             terms.append(Term(1, axes, names[id(p)][0]))
     return terms, fixed
-
-
-def _atoms(expr: Expr) -> set[Atom]:
-    return set(atoms_of(expr))
 
 
 def _value(term: Term, kept: dict[Atom, int], memo: dict[Expr, int]) -> int:

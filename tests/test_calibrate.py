@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from zoo import Branchy
 
 import depgraph
 
@@ -107,15 +108,6 @@ def test_taylor_ranks_a_llama_analyzed_through_export() -> None:
 
 
 def test_taylor_ranks_a_recorded_model() -> None:
-    class Branchy(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a, self.b = nn.Linear(8, 6), nn.Linear(6, 2)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = self.a(x)
-            return self.b(y if y.sum() > 0 else -y)
-
     torch.manual_seed(0)
     model, x = Branchy().eval(), torch.randn(2, 8)
     a = depgraph.analyze(model, x, tracer="record")

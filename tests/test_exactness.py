@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from zoo import Branchy
 
 import depgraph
 from depgraph import fuzz
@@ -323,15 +324,6 @@ def test_an_exported_model_analyzed_at_batch_one_runs_at_batch_three() -> None:
 
 
 def test_a_recorded_graph_refuses_other_shapes_with_a_clear_error() -> None:
-    class Branchy(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a, self.b = nn.Linear(8, 6), nn.Linear(6, 2)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = self.a(x)
-            return self.b(y if y.sum() > 0 else -y)
-
     model = Branchy().eval()
     a = depgraph.analyze(model, TOK, tracer="record")
     simulated = depgraph.simulate(model, depgraph.Plan.from_keep(a, {0: [0, 1]}))

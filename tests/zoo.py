@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Case", "ZOO", "channel_sort"]
+__all__ = ["Branchy", "Case", "ZOO", "channel_sort"]
 
 SEED = 0
 
@@ -421,3 +421,16 @@ ZOO: dict[str, Case] = {
     "cls_token": _case(ClsToken),
 }
 """Every zoo model by name, in the order of DESIGN.md's worked cases."""
+
+
+class Branchy(nn.Module):
+    """A branch on a tensor's value (fx cannot trace it; the recording tracer can): Linear(8, 6)
+    then Linear(6, 2) of the hidden values or of their negation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 6), nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.a(x)
+        return self.b(y if y.sum() > 0 else -y)
