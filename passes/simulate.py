@@ -177,13 +177,12 @@ def _moves(node: fx.Node) -> bool:
     own, and leaving it out spares masks on axes that fold a batch into heads."""
     if node.op not in ("call_function", "call_method"):
         return False
-    rule = RULES.get(node.target) or EXPORT_RULES.get(node.target)
     if node.target is operator.getitem:
         source = node.args[0]
         if isinstance(source, fx.Node) and isinstance(source.meta.get(VALUE), TensorMeta):
             return True  # indexing a tensor
         return isinstance(source, fx.Node) and _moves(source)  # a piece of a split
-    return rule in MOVES
+    return (RULES.get(node.target) or EXPORT_RULES.get(node.target)) in MOVES
 
 
 def _check_methods(gm: fx.GraphModule, methods: dict[str, str]) -> None:
