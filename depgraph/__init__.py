@@ -9,6 +9,7 @@
 
 from passes.errors import DepgraphError, InputError, PlanError, ShapeError, TraceError
 
+from .activations import ActivationStats, ChannelStats, activation_importance, activation_stats
 from .analyze import analyze, infer_inputs
 from .apply import prune, simulate, unsimulate
 from .calibrate import gradient_importance, recalibrate_batch_norm
@@ -19,7 +20,8 @@ from .solver import solve
 
 __all__ = [
     "analyze", "infer_inputs", "solve", "prune", "simulate", "unsimulate", "cost", "Cost", "CostModel",
-    "recalibrate_batch_norm", "gradient_importance", "Plan", "Reconciliation",
+    "recalibrate_batch_norm", "gradient_importance", "activation_stats", "activation_importance",
+    "ActivationStats", "ChannelStats", "Plan", "Reconciliation",
     "Analysis", "Group", "Member", "ActivationMember", "Pinned",
     "DepgraphError", "TraceError", "ShapeError", "InputError", "PlanError",
 ]

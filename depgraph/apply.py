@@ -17,6 +17,7 @@ from passes.simulate import remove_simulation, simulate_graph
 from passes.trace import drop_cached_tensors
 from passes.verify import batch_failure, class_mismatch
 
+from .activations import ActivationStats, compensated_biases, set_biases
 from .analyze import analyze
 from .groups import Analysis
 from .plan import Plan
@@ -24,7 +25,9 @@ from .plan import Plan
 __all__ = ["prune", "simulate", "unsimulate"]
 
 
-def prune(model: nn.Module, plan: Plan, inplace: bool = False, check: bool = True) -> nn.Module:
+def prune(
+    model: nn.Module, plan: Plan, inplace: bool = False, check: bool = True, compensate: ActivationStats | None = None
+) -> nn.Module:
     """A physically smaller model that computes what ``simulate(model, plan)`` computes.
 
     Every member is sliced; module attributes (``in_channels``, ``groups``,
@@ -57,6 +60,7 @@ def prune(model: nn.Module, plan: Plan, inplace: bool = False, check: bool = Tru
     (torch.Size([3, 4]), 3, torch.Size([8, 4]))
     """
     target, analysis, removed = _prepare(model, plan, inplace)
+    biases = compensated_biases(target, plan, analysis, compensate) if compensate is not None else {}
     drop_cached_tensors(target)  # computed from the old weights
     changed = shrink(analysis.graph, analysis.params, analysis.nodes, removed, root=target, literals=analysis.literals,
                      others=analysis.others)
@@ -67,7 +71,12 @@ def prune(model: nn.Module, plan: Plan, inplace: bool = False, check: bool = Tru
                        analysis.tracer == "record")
     else:
         result = analysis.graph if changed else target
-    return _verified(result, analysis, model, inputs) if check else result
+    result = _verified(result, analysis, model, inputs) if check else result
+    skipped = set_biases(result, biases, analysis.tracer)
+    if skipped:
+        warnings.warn(f"bias compensation left out {', '.join(skipped)}: the pruned graph reads no bias for them",
+                      stacklevel=2)
+    return result
 
 
 def _verified(result: nn.Module, analysis: Analysis, model: nn.Module, inputs: Any) -> nn.Module:

@@ -18,7 +18,8 @@ gradient), give each batch norm the average of its per-batch statistics again.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Mapping
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from typing import Any
 
 import torch
@@ -37,12 +38,15 @@ Taylor, the group Taylor of the DepGraph paper once summed over a unit's entries
 Optimal Brain Damage)."""
 
 
-def recalibrate_batch_norm(model: nn.Module, batches: Iterable[Any], *, inplace: bool = False) -> nn.Module:
+def recalibrate_batch_norm(
+    model: nn.Module, batches: Iterable[Any], *, inplace: bool = False, progress: bool | None = None
+) -> nn.Module:
     """``model`` (a copy unless ``inplace``) with the running statistics of every batch norm
     that tracks them recomputed from ``batches``: each a tensor (``model(batch)``), a tuple
     (``model(*batch)``) or a dict (``model(**batch)``). Statistics are the average over the
     batches of each batch's mean and unbiased variance (``momentum=None``); every module's
-    train/eval mode and every batch norm's momentum are as they were afterwards."""
+    train/eval mode and every batch norm's momentum are as they were afterwards. ``progress``
+    prints a batch counter to stderr (default: when stderr is a terminal)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     target = model if inplace else copy.deepcopy(model)
@@ -60,7 +64,7 @@ def recalibrate_batch_norm(model: nn.Module, batches: Iterable[Any], *, inplace:
             m.momentum = None
             m.train()
         with torch.no_grad():
-            for batch in batches:
+            for batch in _progress(batches, "batch-norm statistics", progress):
                 _call(target, batch)
                 seen += 1
     finally:
@@ -73,6 +77,21 @@ def recalibrate_batch_norm(model: nn.Module, batches: Iterable[Any], *, inplace:
     return target
 
 
+def _progress(batches: Iterable[Any], what: str, show: bool | None) -> Iterator[Any]:
+    """``batches``, with ``what: batch i/n`` written over itself on stderr when ``show`` (None:
+    when stderr is a terminal)."""
+    if show is None:
+        show = sys.stderr.isatty()
+    total = f"/{len(batches)}" if isinstance(batches, Sized) else ""
+    seen = 0
+    for seen, batch in enumerate(batches, 1):
+        if show:
+            print(f"\r{what}: batch {seen}{total}", end="", file=sys.stderr, flush=True)
+        yield batch
+    if show and seen:
+        print(file=sys.stderr, flush=True)
+
+
 def _call(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, Mapping):
         return model(**batch)
@@ -83,14 +102,15 @@ def _call(model: nn.Module, batch: Any) -> Any:
 
 def gradient_importance(
     model: nn.Module, batches: Iterable[Any], *, loss: Callable[[Any, Any], torch.Tensor] | None = None,
-    kind: str = "taylor",
+    kind: str = "taylor", progress: bool | None = None,
 ) -> ElementScores:
     """Per-entry importance of every parameter that gets a gradient, from ``batches`` (as in
     :func:`recalibrate_batch_norm`), for ``solve(..., importance=scores)``. ``loss(output,
     batch)`` gives the loss of one batch (the mean square of the outputs when None). Runs
     in the model's current mode; gradients come from ``torch.autograd.grad`` (no ``.grad``
     written) and buffers a forward updates are restored: the model is not changed. Only
-    running sums are kept (one tensor per parameter), never activations."""
+    running sums are kept (one tensor per parameter), never activations. ``progress`` as in
+    :func:`recalibrate_batch_norm`."""
     if kind not in KINDS:
         raise InputError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -102,7 +122,7 @@ def gradient_importance(
     sums = [torch.zeros_like(p, dtype=torch.float32) for _, p in named]
     seen = 0
     try:
-        for batch in batches:
+        for batch in _progress(batches, f"{kind} importance", progress):
             output = _call(model, batch)
             value = loss(output, batch) if loss is not None else _output_norm(output)
             grads = torch.autograd.grad(value, [p for _, p in named], allow_unused=True)

@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import networkx as nx
 import torch
 
-from passes.dims import Atom, Expr, removed_mask
+from passes.dims import Atom, Expr, coordinates, removed_mask
 from passes.rules import Unsupported
 
 __all__ = ["Member", "ActivationMember", "Group", "Pinned", "Analysis"]
@@ -56,6 +56,25 @@ class Member:
         """
         units = _units(units, self.atom.size)
         return removed_mask(self.expr, self.atom, units).nonzero().flatten()
+
+    def unit_sums(self, entries: torch.Tensor) -> torch.Tensor:
+        """Per unit of the group, the sum of ``entries`` over every entry the unit removes:
+        ``entries`` has the parameter's size along ``dim`` (the parameter's shape, or one
+        value per index of ``dim`` at that axis); float32 on the CPU.
+
+        >>> import torch, depgraph
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
+        >>> m = depgraph.analyze(net, torch.zeros(1, 2)).groups[0].members[2]
+        >>> m.name, m.unit_sums(torch.tensor([[1.0, 2.0, 3.0]])).tolist()
+        ('2.weight', [1.0, 2.0, 3.0])
+        """
+        moved = entries.detach().float().movedim(self.dim, 0)
+        per_index = moved.reshape(moved.shape[0], -1).sum(1)
+        unit = coordinates(self.expr, self.atom).to(per_index.device)
+        inside = unit >= 0
+        totals = torch.zeros(self.atom.size, device=per_index.device)
+        totals.index_add_(0, unit[inside], per_index[inside])
+        return totals.cpu()
 
 
 @dataclass(frozen=True)

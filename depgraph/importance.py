@@ -14,8 +14,10 @@ Criteria:
   GroupNorm, LayerNorm, RMSNorm) only; a group with none is an error;
 - ``"random"``: uniform in [0, 1) from the caller's generator;
 - :class:`ElementScores` (from :func:`depgraph.gradient_importance`: per-entry scores of
-  every parameter, such as ``|w · ∂L/∂w|``): the sum of the scores of a unit's entries in
-  each parameter member (the group Taylor of the DepGraph paper);
+  every parameter, such as ``|w · ∂L/∂w|``; from :func:`depgraph.activation_importance`:
+  ``|w| · rms(x)`` of every consumer): the sum of the scores of a unit's entries in each
+  parameter member (the group Taylor of the DepGraph paper), over the consumer members
+  only where the scores name them and the group has one;
 - a callable ``f(group, tensors) -> scores``: ``tensors`` maps each member's name to
   its parameter or buffer (detached, sharing memory: do not modify it), ``scores``
   must hold ``group.size`` finite values. Higher means more important.
@@ -30,7 +32,6 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence, Union
 import torch
 from torch import nn
 
-from passes.dims import coordinates
 from passes.errors import InputError
 
 from .groups import Group, Member
@@ -39,7 +40,15 @@ __all__ = ["CRITERIA", "AGGREGATES", "ElementScores", "Weights", "unit_scores", 
 
 
 class ElementScores(dict):  # type: ignore[type-arg]
-    """A score per entry of each parameter, by parameter name (see :func:`depgraph.gradient_importance`)."""
+    """A score per entry of each parameter, by parameter name (see :func:`depgraph.gradient_importance`).
+
+    ``reads`` maps a weight name to its axis of input channels where only the members on
+    that axis (the consumers of a group) should count (:func:`depgraph.activation_importance`).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.reads: dict[str, int] = {}
 
 
 Criterion = Union[str, ElementScores, Callable[[Group, Mapping[str, torch.Tensor]], Any]]
@@ -107,7 +116,8 @@ def _group_scores(
         if not found:
             raise InputError(f"the element scores hold no parameter of {describe(group)}: compute them on the "
                              "model that was analyzed")
-        return AGGREGATES[aggregate](torch.stack([_member_scores(m, t, 1) for m, t in found]))
+        readers = [(m, t) for m, t in found if importance.reads.get(m.name) == m.dim]
+        return AGGREGATES[aggregate](torch.stack([m.unit_sums(t) for m, t in readers or found]))
     if callable(importance):
         return _called(importance, group, weights)
     if importance == "random":
@@ -149,13 +159,9 @@ def _member_scores(member: Member, tensor: torch.Tensor, power: int) -> torch.Te
             f"{member.name} is on the meta device: the model has no weights to rank; "
             "use importance='random' or a callable"
         )
-    rows = tensor.detach().movedim(member.dim, 0).reshape(tensor.shape[member.dim], -1).float()
-    per_index = rows.abs().sum(1) if power == 1 else rows.square().sum(1)
-    unit = coordinates(member.expr, member.atom).to(per_index.device)
-    inside = unit >= 0
-    totals = torch.zeros(member.atom.size, device=per_index.device)
-    totals.index_add_(0, unit[inside], per_index[inside])
-    return (totals if power == 1 else totals.sqrt()).cpu()
+    entries = tensor.detach().float()
+    totals = member.unit_sums(entries.abs() if power == 1 else entries.square())
+    return totals if power == 1 else totals.sqrt()
 
 
 def _called(importance: Callable[..., Any], group: Group, weights: Weights) -> torch.Tensor:
