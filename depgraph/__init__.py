@@ -15,13 +15,14 @@ from .apply import prune, simulate, unsimulate
 from .calibrate import gradient_importance, recalibrate_batch_norm
 from .costs import Cost, CostModel, cost
 from .groups import ActivationMember, Analysis, Group, Member, Pinned
+from .latency import LatencyTable, latency_table, measure_latency
 from .plan import Plan, Reconciliation
 from .solver import solve
 
 __all__ = [
     "analyze", "infer_inputs", "solve", "prune", "simulate", "unsimulate", "cost", "Cost", "CostModel",
     "recalibrate_batch_norm", "gradient_importance", "activation_stats", "activation_importance",
-    "ActivationStats", "ChannelStats", "Plan", "Reconciliation",
+    "ActivationStats", "ChannelStats", "latency_table", "measure_latency", "LatencyTable", "Plan", "Reconciliation",
     "Analysis", "Group", "Member", "ActivationMember", "Pinned",
     "DepgraphError", "TraceError", "ShapeError", "InputError", "PlanError",
 ]

@@ -72,8 +72,8 @@ class CostModel:
         """The cost of the model ``prune(model, plan)`` returns (the model's own without a plan)."""
         kept = self._kept(self.counts(plan))
         memo: dict[Expr, int] = {}
-        params = self.fixed_params + sum(_value(t, kept, memo) for t in self.param_terms)
-        macs = sum(_value(t, kept, memo) for t in self.mac_terms)
+        params = self.fixed_params + sum(term_value(t, kept, memo) for t in self.param_terms)
+        macs = sum(term_value(t, kept, memo) for t in self.mac_terms)
         return Cost(params, macs)
 
     def per_unit(self, plan: Plan | dict[int, int] | None = None) -> dict[int, Cost]:
@@ -99,7 +99,7 @@ class CostModel:
         terms = self.param_terms if metric == "params" else self.mac_terms
         before_memo: dict[Expr, int] = {}
         after_memo: dict[Expr, int] = {}
-        return sum(_value(terms[i], kept, before_memo) - _value(terms[i], after, after_memo) for i in touched)
+        return sum(term_value(terms[i], kept, before_memo) - term_value(terms[i], after, after_memo) for i in touched)
 
     def _kept(self, counts: dict[int, int]) -> dict[Atom, int]:
         return {self.atoms[i]: n for i, n in counts.items()}
@@ -131,5 +131,5 @@ def _param_terms(analysis: Analysis) -> tuple[list[Term], int]:
     return terms, fixed
 
 
-def _value(term: Term, kept: dict[Atom, int], memo: dict[Expr, int]) -> int:
+def term_value(term: Term, kept: dict[Atom, int], memo: dict[Expr, int]) -> int:
     return term.coefficient * math.prod(kept_size(f, kept, memo) for f in term.factors)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Hashable, Mapping, Sequence
+from typing import Any, Callable, Hashable, Mapping, Sequence
 
 import torch
 
@@ -12,6 +12,7 @@ from passes.errors import InputError
 from .config import Block, parse, resolve
 from .groups import Analysis
 from .importance import AGGREGATES, CRITERIA, Criterion, ElementScores, Weights, describe, unit_scores
+from .latency import LatencyTable, within_latency
 from .plan import Plan
 from .targets import check_target, target_counts
 
@@ -34,6 +35,7 @@ def solve(
     max_sparse_ratio: float = 1.0,
     seed: int | None = None,
     target: Mapping[str, float] | None = None,
+    latency_table: LatencyTable | None = None,
 ) -> Plan:
     """Choose the units each group keeps: rank units by importance, remove the lowest.
 
@@ -74,7 +76,12 @@ def solve(
         go in order of importance per cost saved, across all groups, until the cost is
         at most the target (see :mod:`depgraph.targets`); ``round_to`` and
         ``min/max_sparse_ratio`` bound each group. A target below what the bounds allow
-        is an error that says how low the cost can go.
+        is an error that says how low the cost can go. ``{"latency": f}`` keeps that fraction
+        of the model's latency measured on its current device (:mod:`depgraph.latency`):
+        the pruned model is timed and the solver corrects itself while it misses.
+    latency_table
+        With a latency target: a :func:`depgraph.latency_table` of this analysis, to reuse
+        (measured here otherwise: one prune and a few timed runs per group).
 
     Returns
     -------
@@ -115,8 +122,14 @@ def solve(
         if sparsity is not None or config_list is not None or global_ranking:
             raise InputError("target= chooses how much every group removes: pass it without sparsity=, "
                              "config_list= or global_ranking=")
-        return _solve_target(analysis, check_target(target), importance, aggregate, round_to,
-                             (min_sparse_ratio, max_sparse_ratio), _generator(seed))
+        metric, fraction = check_target(target)
+        solve_at = _target_solver(analysis, importance, aggregate, round_to, (min_sparse_ratio, max_sparse_ratio),
+                                  _generator(seed))
+        if metric == "latency":
+            return within_latency(analysis, fraction, latency_table, solve_at)
+        return solve_at((metric, fraction), None)
+    if latency_table is not None:
+        raise InputError("latency_table= goes with target={'latency': f}")
     if (sparsity is None) == (config_list is None):
         raise InputError(
             "pass exactly one of sparsity= (a fraction, or {group index: fraction}) and config_list="
@@ -144,8 +157,10 @@ def _generator(seed: int | None) -> torch.Generator:
     return generator
 
 
-def _solve_target(analysis: Analysis, target: tuple[str, float], importance: Criterion, aggregate: str,
-                  round_to: int, ratios: tuple[float, float], generator: torch.Generator) -> Plan:
+def _target_solver(analysis: Analysis, importance: Criterion, aggregate: str, round_to: int,
+                   ratios: tuple[float, float], generator: torch.Generator) -> Callable[[tuple[str, float], Any], Plan]:
+    """``solve_at(target, model)``: the plan for a target under a cost predictor (None: the
+    exact :class:`~depgraph.costs.CostModel`), the units scored once."""
     low, high = _ratio("min_sparse_ratio", ratios[0]), _ratio("max_sparse_ratio", ratios[1], high=True)
     if low > high:
         raise InputError(f"min_sparse_ratio {low} is above max_sparse_ratio {high}")
@@ -153,12 +168,16 @@ def _solve_target(analysis: Analysis, target: tuple[str, float], importance: Cri
     weights = Weights.of(analysis.model)
     scores = [unit_scores([analysis.groups[g] for g in b.groups], weights, importance, aggregate, generator)
               for b in blocks]
-    counts = target_counts(analysis, blocks, scores, [_bounds(b) for b in blocks], target, round_to)
-    keep = {}
-    for block, s, count in zip(blocks, scores, counts):
-        if count:
-            keep[block.groups[0]] = torch.sort(s, stable=True).indices[count:].sort().values
-    return Plan.from_keep(analysis, keep)
+
+    def solve_at(target: tuple[str, float], model: Any) -> Plan:
+        counts = target_counts(analysis, blocks, scores, [_bounds(b) for b in blocks], target, round_to, model)
+        keep = {}
+        for block, s, count in zip(blocks, scores, counts):
+            if count:
+                keep[block.groups[0]] = torch.sort(s, stable=True).indices[count:].sort().values
+        return Plan.from_keep(analysis, keep)
+
+    return solve_at
 
 
 def _check_options(importance: Criterion, aggregate: str, round_to: int, seed: int | None) -> None:

@@ -28,8 +28,9 @@ from .groups import Analysis
 
 __all__ = ["METRICS", "check_target", "target_counts"]
 
-METRICS = ("macs", "params")
-"""What a target may bound: a fraction of the model's MACs or of its parameters."""
+METRICS = ("macs", "params", "latency")
+"""What a target may bound: a fraction of the model's MACs, of its parameters or of its
+measured latency (:mod:`depgraph.latency`)."""
 
 TOLERANCE = 0.01
 """How far below the target a result may land (relative) before :func:`target_counts` warns."""
@@ -38,11 +39,11 @@ TOLERANCE = 0.01
 def check_target(target: Any) -> tuple[str, float]:
     """``(metric, fraction)`` of a target such as ``{"macs": 0.5}``, or a clear error."""
     if not isinstance(target, Mapping) or len(target) != 1:
-        raise InputError(f"target must be one of {{'macs': f}} or {{'params': f}} with f in (0, 1], got {target!r}")
+        raise InputError(f"target must be one of {{'macs': f}}, {{'params': f}} or {{'latency': f}} with f in (0, 1], "
+                         f"got {target!r}")
     ((metric, fraction),) = target.items()
     if metric not in METRICS:
-        hint = " (a latency target is not supported yet)" if metric == "latency" else ""
-        raise InputError(f"target {metric!r} is not one of {', '.join(METRICS)}{hint}")
+        raise InputError(f"target {metric!r} is not one of {', '.join(METRICS)}")
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
         raise InputError(f"target[{metric!r}] must be the fraction of the model's {metric} to keep, in (0, 1], "
                          f"got {fraction!r}")
@@ -79,10 +80,12 @@ class _Block:
 
 
 def target_counts(analysis: Analysis, blocks: list[Block], scores: list[torch.Tensor], bounds: list[tuple[int, int]],
-                  target: tuple[str, float], round_to: int) -> list[int]:
-    """Units each block loses for the model's cost to reach ``target`` (module doc)."""
+                  target: tuple[str, float], round_to: int, model: Any = None) -> list[int]:
+    """Units each block loses for the model's cost to reach ``target`` (module doc);
+    ``model`` predicts the cost (a :class:`CostModel` of the analysis by default; a
+    :class:`~depgraph.latency.LatencyModel` for latency)."""
     metric, fraction = target
-    model = CostModel(analysis)
+    model = model if model is not None else CostModel(analysis)
     original = getattr(model.of(), metric)
     goal = math.floor(fraction * original)
     states = []
@@ -95,7 +98,8 @@ def target_counts(analysis: Analysis, blocks: list[Block], scores: list[torch.Te
                   metric)
     if floor > goal:
         raise InputError(
-            f"the {metric} cannot go below {floor:,} ({floor / original:.3f} of {original:,}) with these bounds: "
+            f"the {metric} cannot go below {floor:,} ({floor / original:.3f} of {original:,}{_unit(metric)}) with "
+            "these bounds: "
             f"pinned axes, max_sparse_ratio and the units every group keeps cost that much; ask for at least "
             f"{math.ceil(1000 * floor / original) / 1000:.3f}"
         )
@@ -139,7 +143,7 @@ def target_counts(analysis: Analysis, blocks: list[Block], scores: list[torch.Te
     return [s.removed for s in states]
 
 
-def _refill(model: CostModel, analysis: Analysis, states: list[_Block], counts: dict[int, int], metric: str,
+def _refill(model: Any, analysis: Analysis, states: list[_Block], counts: dict[int, int], metric: str,
             goal: int, current: int, least: list[int]) -> int:
     """Give units back while the cost stays within the target (the last chunk removed may
     overshoot it): each time the last-removed chunk that fills most of the room left."""
@@ -169,10 +173,14 @@ def _counts(analysis: Analysis, states: list[_Block]) -> dict[int, int]:
     return counts
 
 
-def _cost(model: CostModel, analysis: Analysis, states: list[_Block], metric: str) -> int:
+def _cost(model: Any, analysis: Analysis, states: list[_Block], metric: str) -> int:
     return int(getattr(model.of(_counts(analysis, states)), metric))
 
 
-def _saving(model: CostModel, analysis: Analysis, counts: dict[int, int], block: Block, k: int, metric: str) -> int:
+def _saving(model: Any, analysis: Analysis, counts: dict[int, int], block: Block, k: int, metric: str) -> int:
     """What removing ``k`` more units of every group of ``block`` saves at ``counts``."""
     return int(model.saving(counts, {g: k for g in block.groups}, metric))
+
+
+def _unit(metric: str) -> str:
+    return " ns, as the latency table predicts" if metric == "latency" else ""

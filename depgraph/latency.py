@@ -1,0 +1,211 @@
+"""Latency targets: ``depgraph.solve(a, target={"latency": 0.5})``.
+
+Latency is measured, not derived, on the model's current device at the analysis' example
+inputs (zeros of their shapes; ``torch.no_grad``; the median of ``repeats`` runs after two
+warm-up runs; CUDA is synchronized). :func:`latency_table` builds the lookup table: the
+model once, then for every group of two or more units a variant with only that group cut
+to each of ``fractions`` of its units (``prune(..., check=False)``), timed the same way.
+Its cost is one ``prune`` and ``repeats + 2`` forward passes per group and fraction: a
+minute or two for a resnet50 on a CPU with the default single fraction.
+
+:class:`LatencyModel` turns the table into a predictor: each group's measured saving
+divided by the MACs that cutting it saves (:class:`~depgraph.costs.CostModel`) is that
+group's time per MAC; every multiplying op then costs its MACs at the mean time per MAC of
+the groups its axes carry, plus a constant that makes the unpruned model cost what it
+measured. Savings of two adjacent groups therefore compound through their ops' products as
+MACs do, while a group whose ops run slowly per MAC (a depthwise convolution, an op bound
+by memory) is priced by what it measured. The solver (:mod:`depgraph.targets`) removes units
+against this predictor, then the pruned model is timed; while it misses the target by more
+than :data:`SLACK`, the predictor's goal is lowered by the ratio missed (twice at most) and
+a warning says where the last plan landed.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from passes.dims import atoms_of
+from passes.errors import InputError
+from passes.meta import TensorMeta
+
+from .apply import prune
+from .costs import CostModel, term_value
+from .groups import Analysis
+from .plan import Plan
+
+__all__ = ["LatencyTable", "LatencyModel", "latency_table", "measure_latency", "SLACK"]
+
+SLACK = 0.05
+"""How far above a latency target a measured plan may land before the goal is lowered (timings are noisy)."""
+
+Timer = Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], float]
+
+
+class Estimate(NamedTuple):
+    """A predicted latency in nanoseconds (an integer, as the solver's costs are)."""
+
+    latency: int
+
+
+@dataclass
+class LatencyTable:
+    """Measured seconds: ``baseline`` for the model, ``rows[g]`` a list of ``(kept units,
+    seconds)`` for variants with only group ``g`` cut."""
+
+    baseline: float
+    rows: dict[int, list[tuple[int, float]]] = field(default_factory=dict)
+    fingerprint: str = ""
+    timer: Timer | None = field(default=None, repr=False, compare=False)
+    repeats: int = 7
+
+    def clock(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
+        """Seconds of one forward, measured as the table was (its timer, or :func:`measure_latency`)."""
+        return self.timer(model, args, kwargs) if self.timer else measure_latency(model, args, kwargs, self.repeats)
+
+
+def measure_latency(model: nn.Module, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None,
+                    repeats: int = 7) -> float:
+    """Median seconds of ``model(*args, **kwargs)`` over ``repeats`` runs after two warm-up
+    runs, under ``torch.no_grad`` (CUDA synchronized around each run)."""
+    kwargs = kwargs or {}
+    cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in (*args, *kwargs.values()))
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 2):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(*args, **kwargs)
+            if cuda:
+                torch.cuda.synchronize()
+            if i >= 2:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def latency_table(analysis: Analysis, fractions: Sequence[float] = (0.5,), *, repeats: int = 7,
+                  timer: Timer | None = None, progress: bool | None = None) -> LatencyTable:
+    """Time ``analysis.model`` and, for every group of two or more units, variants with only
+    that group cut to each fraction of its units (module doc). ``timer(model, args, kwargs)``
+    replaces the measurement (seconds; for tests and for custom benchmarks).
+
+    >>> import torch, depgraph
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> a = depgraph.analyze(net, torch.zeros(1, 4))
+    >>> table = depgraph.latency_table(a, timer=lambda m, args, kw: float(m[0].out_features))
+    >>> table.baseline, table.rows
+    (8.0, {0: [(4, 4.0)]})
+    """
+    if any(not 0 < f < 1 for f in fractions) or not fractions:
+        raise InputError(f"fractions must lie strictly between 0 and 1, got {list(fractions)}")
+    model = analysis.model
+    args, kwargs = example_inputs(analysis, model)
+    table = LatencyTable(0.0, fingerprint=analysis.fingerprint, timer=timer, repeats=repeats)
+    table.baseline = table.clock(model, args, kwargs)
+    groups = [g for g in analysis.groups if g.size > max(1, g.min_keep)]
+    show = sys.stderr.isatty() if progress is None else progress
+    for n, group in enumerate(groups, 1):
+        if show:
+            print(f"\rlatency table: group {n}/{len(groups)}", end="", file=sys.stderr, flush=True)
+        kept = sorted({min(group.size - 1, max(group.min_keep, 1, round(f * group.size))) for f in fractions})
+        for k in kept:
+            variant = prune(model, Plan.from_keep(analysis, {group.index: range(k)}), check=False)
+            table.rows.setdefault(group.index, []).append((k, table.clock(variant, args, kwargs)))
+    if show and groups:
+        print(file=sys.stderr, flush=True)
+    return table
+
+
+def example_inputs(analysis: Analysis, model: nn.Module) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Zeros of the analysis' example input shapes on the model's device (plain values as recorded)."""
+    device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
+    if device.type == "meta":
+        raise InputError("the model is on the meta device: a latency target needs a model that runs")
+
+    def zeros(x: Any) -> Any:
+        return torch.zeros(x.shape, dtype=x.dtype, device=device) if isinstance(x, TensorMeta) else x
+
+    keywords = analysis.keywords if analysis.tracer == "export" else {}
+    return tuple(zeros(x) for x in analysis.inputs), {k: zeros(v) for k, v in keywords.items()}
+
+
+class LatencyModel:
+    """Predicted latency as a function of the kept count per group (module doc), with the
+    interface of :class:`~depgraph.costs.CostModel` the target solver uses (metric ``"latency"``)."""
+
+    def __init__(self, analysis: Analysis, table: LatencyTable) -> None:
+        if table.fingerprint and table.fingerprint != analysis.fingerprint:
+            raise InputError("the latency table was measured for another analysis: build it with "
+                             "depgraph.latency_table(a) of this one")
+        self.costs = CostModel(analysis)
+        full = self.costs.counts()
+        per_mac = {}
+        for index, rows in table.rows.items():
+            rates = [max(0.0, table.baseline - seconds) / max(1, self.costs.saving(full, {index: full[index] - k},
+                                                                                     "macs")) for k, seconds in rows]
+            per_mac[self.costs.atoms[index]] = sum(rates) / len(rates)
+        self.weights = []
+        for term in self.costs.mac_terms:
+            rates = [per_mac[a] for a in {a for f in term.factors for a in atoms_of(f)} if a in per_mac]
+            self.weights.append(1e9 * sum(rates) / len(rates) if rates else 0.0)
+        self.constant = 1e9 * table.baseline - self._weighted(self.costs._kept(full))
+
+    def of(self, counts: Plan | dict[int, int] | None = None) -> Estimate:
+        """The predicted latency (ns) of ``prune(model, plan)``."""
+        return Estimate(round(self.constant + self._weighted(self.costs._kept(self.costs.counts(counts)))))
+
+    def saving(self, counts: dict[int, int], fewer: dict[int, int], metric: str = "latency") -> int:
+        """Predicted nanoseconds saved by keeping ``fewer[g]`` fewer units of each group ``g``."""
+        after = dict(counts)
+        for index, k in fewer.items():
+            after[index] = counts[index] - k
+        return self.of(counts).latency - self.of(after).latency
+
+    def _weighted(self, kept: dict[Any, int]) -> float:
+        memo: dict[Any, int] = {}
+        return sum(w * term_value(t, kept, memo) for w, t in zip(self.weights, self.costs.mac_terms) if w)
+
+
+def within_latency(analysis: Analysis, fraction: float, table: LatencyTable | None,
+                   solve_at: Callable[[tuple[str, float], Any], Plan]) -> Plan:
+    """The plan for ``{"latency": fraction}``: solved against a :class:`LatencyModel`, timed
+    (with the table's timer), and solved again for a lower goal (twice at most) while it
+    misses by more than :data:`SLACK`."""
+    table = table if table is not None else latency_table(analysis)
+    model = LatencyModel(analysis, table)
+    args, kwargs = example_inputs(analysis, analysis.model)
+
+    def solved(goal: float) -> Plan:
+        with warnings.catch_warnings():  # the predictor's landing is not the point: the timing below is
+            warnings.filterwarnings("ignore", message="target latency=")
+            return solve_at(("latency", goal), model)
+
+    def landed(plan: Plan) -> float:  # the baseline is timed again: machines drift
+        pruned = prune(analysis.model, plan, check=False)
+        return table.clock(pruned, args, kwargs) / table.clock(analysis.model, args, kwargs)
+
+    plan = solved(fraction)
+    measured, goal = landed(plan), fraction
+    for _ in range(2):
+        if measured <= fraction * (1 + SLACK):
+            break
+        goal *= fraction / measured
+        try:
+            plan = solved(goal)
+        except InputError:  # the bounds allow no lower goal: keep the last plan
+            break
+        measured = landed(plan)
+    if measured > fraction * (1 + SLACK):
+        warnings.warn(f"target latency={fraction} landed at {measured:.3f} of the model's measured latency on this "
+                      "device: the predicted per-group times did not carry over (noisy timings, or ops whose time "
+                      "does not follow their MACs)", stacklevel=3)
+    return plan
