@@ -41,11 +41,12 @@ _SELECT = _POSITIVE + ("exclude_op_types", "exclude_op_names", "exclude_op_names
 _RATIOS = ("sparse_ratio", "max_sparse_ratio", "min_sparse_ratio")
 _PER_TARGET = ("apply_method", "align")
 KEYS = _SELECT + _RATIOS + (
-    "global_group_id", "dependency_group_id", "granularity", "target_names", "target_settings"
+    "budget", "global_group_id", "dependency_group_id", "granularity", "target_names", "target_settings"
 ) + _PER_TARGET
 """Every key a config entry may have."""
 
 GRANULARITIES = ("out_channel", "in_channel")
+BUDGETS = ("macs", "params")
 APPLY_METHODS = ("mul", "add", "bypass")
 _ALIGN_KEYS = ("module_name", "target_name", "dims")
 _ACTIVATION = re.compile(r"_(input|output)_\w*")
@@ -98,6 +99,8 @@ class Block:
     global_id: Hashable | None = None
     min_keep: int = 1
     """The fewest units the block may keep (the largest ``min_keep`` of its groups)."""
+    budget: tuple[str, float] | None = None
+    """The global group's ``budget`` (``("macs", 0.5)``) instead of a ratio."""
 
 
 # -- parse ----------------------------------------------------------------------------
@@ -137,6 +140,11 @@ def _parse(index: int, entry: Any) -> Config:
         raise InputError(f"{where} has min_sparse_ratio above max_sparse_ratio; swap or fix them")
     if "global_group_id" in entry:
         group_settings["global_group_id"] = _group_id(where, "global_group_id", entry["global_group_id"])
+    if "budget" in entry:
+        if "global_group_id" not in entry or "sparse_ratio" in entry:
+            raise InputError(f"{where} has a budget: give it with a global_group_id and without sparse_ratio (the "
+                             "global group's units go until the model's cost reaches the budget)")
+        group_settings["budget"] = _budget(where, entry["budget"])
     dependency = entry.get("dependency_group_id")
     if dependency is not None:
         dependency = _group_id(where, "dependency_group_id", dependency)
@@ -189,6 +197,17 @@ def _ratio(where: str, key: str, value: Any) -> float:
         return float(value)
     bounds = "in (0, 1]" if key == "max_sparse_ratio" else "in [0, 1)"
     raise InputError(f"{where}[{key!r}] must be a number {bounds}, got {value!r}")
+
+
+def _budget(where: str, value: Any) -> tuple[str, float]:
+    ok = isinstance(value, Mapping) and len(value) == 1 and next(iter(value)) in BUDGETS
+    fraction = next(iter(value.values())) if ok else None
+    if ok and isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 < fraction <= 1:
+        return next(iter(value)), float(fraction)
+    hint = " (a latency budget is not supported in a config list: use solve(target={'latency': f}))" if (
+        isinstance(value, Mapping) and "latency" in value) else ""
+    raise InputError(f"{where}['budget'] must be {{'macs': f}} or {{'params': f}}, the fraction of the model's "
+                     f"MACs or parameters to keep with f in (0, 1], got {value!r}{hint}")
 
 
 def _group_id(where: str, key: str, value: Any) -> Hashable:
@@ -402,6 +421,7 @@ def _contradiction(key: str, a: tuple[Any, int, int], b: tuple[Any, int, int], a
 
 
 def _global_ratios(seen: dict[int, dict[str, tuple[Any, int, int]]]) -> dict[Hashable, tuple[Any, int, int]]:
+    """Per global group id, its ``sparse_ratio`` or its ``budget`` (as given, with the entry)."""
     ratios: dict[Hashable, tuple[Any, int, int]] = {}
     ids: dict[Hashable, int] = {}
     for settings in seen.values():
@@ -409,19 +429,30 @@ def _global_ratios(seen: dict[int, dict[str, tuple[Any, int, int]]]) -> dict[Has
             continue
         gid, index, _ = settings["global_group_id"]
         ids.setdefault(gid, index)
-        if "sparse_ratio" in settings:
-            given = settings["sparse_ratio"]
+        for key in ("sparse_ratio", "budget"):
+            if key not in settings:
+                continue
+            given = settings[key]
             prev = ratios.setdefault(gid, given)
             if prev[0] != given[0]:
                 raise InputError(
                     f"config_list[{prev[1]}] and config_list[{given[1]}] share global_group_id {gid!r} "
-                    f"but give sparse_ratio {prev[0]} and {given[0]}: a global group has one sparse_ratio "
-                    "(the fraction of all its units removed); give them the same value"
+                    f"but give {_what(prev[0])} and {_what(given[0])}: a global group has one sparse_ratio "
+                    "(the fraction of all its units removed) or one budget; give them the same value"
                 )
     for gid, index in ids.items():
         if gid not in ratios:
-            raise InputError(f"global_group_id {gid!r} (config_list[{index}]) has no sparse_ratio: give one")
+            raise InputError(f"global_group_id {gid!r} (config_list[{index}]) has no sparse_ratio: give one "
+                             "(or a budget such as {'macs': 0.5})")
+    budgets = [gid for gid, (value, _, _) in ratios.items() if isinstance(value, tuple)]
+    if len(budgets) > 1:
+        raise InputError(f"global groups {budgets[0]!r} and {budgets[1]!r} both have a budget; each budget bounds "
+                         "the whole model's cost, so a config list has one: merge the two global groups")
     return ratios
+
+
+def _what(value: Any) -> str:
+    return f"budget {{{value[0]!r}: {value[1]}}}" if isinstance(value, tuple) else f"sparse_ratio {value}"
 
 
 def _block(
@@ -445,7 +476,9 @@ def _block(
                          "a group without a global_group_id removes exactly its sparse_ratio; "
                          "make them agree")
     keep = max(analysis.groups[g].min_keep for g in groups)
-    return Block(tuple(groups), analysis.groups[groups[0]].size, ratio[0], low[0], high[0], gid, keep)
+    budget = ratio[0] if isinstance(ratio[0], tuple) else None
+    return Block(tuple(groups), analysis.groups[groups[0]].size, 0.0 if budget else ratio[0], low[0], high[0], gid,
+                 keep, budget)
 
 
 def _recorded(

@@ -245,16 +245,38 @@ def _keep(
     for i, b in enumerate(active):
         if b.global_id is not None:
             ranked.setdefault(b.global_id, []).append(i)
+    budgeted = next((members for members in ranked.values() if active[members[0]].budget), [])
     for gid, members in ranked.items():
-        removed = _global_counts(gid, [active[i] for i in members], [scores[i] for i in members])
-        counts.update(zip(members, removed))
+        if members is not budgeted:
+            removed = _global_counts(gid, [active[i] for i in members], [scores[i] for i in members])
+            counts.update(zip(members, removed))
+    for i in counts:
+        counts[i] = _rounded(active[i], counts[i], round_to, analysis)
+    if budgeted:  # last: the budget bounds the model's cost after every other removal
+        counts.update(_budget_counts(analysis, active, counts, budgeted, scores, round_to))
     keep = {}
     for i, block in enumerate(active):
-        count = _rounded(block, counts[i], round_to, analysis)
+        count = counts[i]
         if count:
             kept = torch.sort(scores[i], stable=True).indices[count:].sort().values
             keep.update(dict.fromkeys(block.groups, kept))
     return keep
+
+
+def _budget_counts(analysis: Analysis, active: list[Block], counts: dict[int, int], members: list[int],
+                   scores: list[torch.Tensor], round_to: int) -> dict[int, int]:
+    """Units each block of the budgeted global group loses for the model's cost, with every
+    other block's removals (``counts``) made first, to reach the group's budget."""
+    start = {g.index: g.size for g in analysis.groups}
+    for i, count in counts.items():
+        for g in active[i].groups:
+            start[g] -= count
+    blocks = [active[i] for i in members]
+    budget = blocks[0].budget
+    assert budget is not None
+    removed = target_counts(analysis, blocks, [scores[i] for i in members], [_bounds(b) for b in blocks], budget,
+                            round_to, start=start)
+    return dict(zip(members, removed))
 
 
 def _global_counts(gid: Hashable, blocks: list[Block], scores: list[torch.Tensor]) -> list[int]:

@@ -80,10 +80,12 @@ class _Block:
 
 
 def target_counts(analysis: Analysis, blocks: list[Block], scores: list[torch.Tensor], bounds: list[tuple[int, int]],
-                  target: tuple[str, float], round_to: int, model: Any = None) -> list[int]:
+                  target: tuple[str, float], round_to: int, model: Any = None,
+                  start: dict[int, int] | None = None) -> list[int]:
     """Units each block loses for the model's cost to reach ``target`` (module doc);
     ``model`` predicts the cost (a :class:`CostModel` of the analysis by default; a
-    :class:`~depgraph.latency.LatencyModel` for latency)."""
+    :class:`~depgraph.latency.LatencyModel` for latency); ``start`` gives the kept units of
+    the groups no block holds (every unit by default)."""
     metric, fraction = target
     model = model if model is not None else CostModel(analysis)
     original = getattr(model.of(), metric)
@@ -93,9 +95,9 @@ def target_counts(analysis: Analysis, blocks: list[Block], scores: list[torch.Te
         scale = s.abs().mean()
         normalized = s / scale if scale > 0 else torch.zeros_like(s)
         states.append(_Block(block, torch.sort(normalized, stable=True).indices, normalized, lo, hi, round_to))
-    counts = _counts(analysis, states)
+    counts = _counts(analysis, states, start)
     floor = _cost(model, analysis, [_Block(b.block, b.order, b.normalized, b.limit, b.limit, 1) for b in states],
-                  metric)
+                  metric, start)
     if floor > goal:
         raise InputError(
             f"the {metric} cannot go below {floor:,} ({floor / original:.3f} of {original:,}{_unit(metric)}) with "
@@ -165,16 +167,17 @@ def _refill(model: Any, analysis: Analysis, states: list[_Block], counts: dict[i
         current += added
 
 
-def _counts(analysis: Analysis, states: list[_Block]) -> dict[int, int]:
-    counts = {g.index: g.size for g in analysis.groups}
+def _counts(analysis: Analysis, states: list[_Block], start: dict[int, int] | None = None) -> dict[int, int]:
+    counts = dict(start) if start is not None else {g.index: g.size for g in analysis.groups}
     for state in states:
         for g in state.block.groups:
             counts[g] = state.block.size - state.removed
     return counts
 
 
-def _cost(model: Any, analysis: Analysis, states: list[_Block], metric: str) -> int:
-    return int(getattr(model.of(_counts(analysis, states)), metric))
+def _cost(model: Any, analysis: Analysis, states: list[_Block], metric: str,
+          start: dict[int, int] | None = None) -> int:
+    return int(getattr(model.of(_counts(analysis, states, start)), metric))
 
 
 def _saving(model: Any, analysis: Analysis, counts: dict[int, int], block: Block, k: int, metric: str) -> int:

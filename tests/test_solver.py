@@ -309,7 +309,7 @@ _ERRORS = [
      r"couples group 0 \(a, head\) \(4 units.*group 2 \(c, head\) \(2 units.*need equal sizes"),
     (_cfg({"op_names": ["a"], "global_group_id": "g", "sparse_ratio": 0.5},
           {"op_names": ["b"], "global_group_id": "g", "sparse_ratio": 0.25}),
-     "share global_group_id 'g' but give sparse_ratio 0.5 and 0.25"),
+     "share global_group_id 'g' but give sparse_ratio 0.5 and sparse_ratio 0.25"),
     (_cfg({"op_names": ["a"], "global_group_id": "g"}), "global_group_id 'g' .* has no sparse_ratio"),
     (_cfg({"op_names": ["a"], "sparse_ratio": 0.5}, {"op_names": ["a"], "max_sparse_ratio": 0.25}),
      r"sparse_ratio 0.5 \(config_list\[0\]\) outside its bound 0.25 \(config_list\[1\]\)"),

@@ -95,3 +95,47 @@ def test_impossible_and_malformed_targets_are_clear_errors() -> None:
         depgraph.solve(a, 0.5, target={"macs": 0.5})
     with pytest.raises(InputError, match="target must be one of"):
         depgraph.solve(a, target={"macs": 0.5, "params": 0.5})
+
+
+def test_a_budget_in_a_config_list_bounds_the_model_after_the_other_entries() -> None:
+    """A global group with ``budget={"macs": f}`` loses units until the whole model keeps f of
+    its MACs; an excluded layer's group keeps every unit, a fixed ratio elsewhere applies
+    first and exactly."""
+    a = _meta("resnet18")
+    whole = depgraph.cost(a).macs
+    group_of = {m.name: g.index for g in a.groups for m in g.members if m.dim == 0}
+    fixed, excluded = group_of["layer1.0.conv1.weight"], group_of["layer4.1.conv1.weight"]
+    config_list = [
+        {"op_types": ["Conv2d"], "exclude_op_names": ["layer1.0.conv1", "layer4.1.conv1"], "global_group_id": "g",
+         "budget": {"macs": 0.5}, "max_sparse_ratio": 0.9},
+        {"op_names": ["layer1.0.conv1"], "sparse_ratio": 0.25},
+    ]
+    plan = depgraph.solve(a, config_list=config_list, importance="random", seed=0)
+    assert 0.495 <= depgraph.cost(a, plan).macs / whole <= 0.5
+    assert len(plan.keep[fixed]) == 48 and excluded not in plan.keep
+    assert all(len(k) >= plan.sizes[i] - int(0.9 * plan.sizes[i]) for i, k in plan.keep.items())
+    params = depgraph.solve(a, config_list=[{"op_types": ["Conv2d", "Linear"], "global_group_id": 0,
+                                             "budget": {"params": 0.3}}], importance="random", seed=0)
+    assert 0.297 <= depgraph.cost(a, params).params / depgraph.cost(a).params <= 0.3
+
+
+def test_budget_errors() -> None:
+    a = depgraph.analyze(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), torch.zeros(1, 4))
+    cases = [
+        ({"op_types": ["Linear"], "budget": {"macs": 0.5}}, "has a budget: give it with a global_group_id"),
+        ({"op_types": ["Linear"], "global_group_id": 1, "sparse_ratio": 0.5, "budget": {"macs": 0.5}},
+         "without sparse_ratio"),
+        ({"op_types": ["Linear"], "global_group_id": 1, "budget": {"latency": 0.5}},
+         "a latency budget is not supported in a config list"),
+        ({"op_types": ["Linear"], "global_group_id": 1, "budget": {"macs": 0}}, r"must be \{'macs': f\}"),
+    ]
+    for entry, message in cases:
+        with pytest.raises(InputError, match=message):
+            depgraph.solve(a, config_list=[entry])
+    with pytest.raises(InputError, match=r"the macs cannot go below 6 \(0.125 of 48\)"):
+        depgraph.solve(a, config_list=[{"op_types": ["Linear"], "global_group_id": 1, "budget": {"macs": 0.1}}])
+    two = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    b = depgraph.analyze(two, torch.zeros(1, 4))
+    with pytest.raises(InputError, match="global groups 'x' and 'y' both have a budget"):
+        depgraph.solve(b, config_list=[{"op_names": ["0"], "global_group_id": "x", "budget": {"macs": 0.5}},
+                                       {"op_names": ["2"], "global_group_id": "y", "budget": {"macs": 0.5}}])
