@@ -4,15 +4,17 @@ Latency is measured, not derived, on the model's current device at the analysis'
 inputs (zeros of their shapes; ``torch.no_grad``; the median of ``repeats`` runs after two
 warm-up runs; CUDA is synchronized). :func:`latency_table` builds the lookup table: the
 model once, then for every group of two or more units a variant with only that group cut
-to each of ``fractions`` of its units (``prune(..., check=False)``), timed the same way.
-Its cost is one ``prune`` and ``repeats + 2`` forward passes per group and fraction: a
-minute or two for a resnet50 on a CPU with the default single fraction.
+to each of ``fractions`` of its units (``prune(..., check=False)``), and per fraction a
+variant with every group cut to it, timed the same way. Its cost is one ``prune`` and
+``repeats + 2`` forward passes per group and fraction.
 
 :class:`LatencyModel` turns the table into a predictor: each group's measured saving
 divided by the MACs that cutting it saves (:class:`~depgraph.costs.CostModel`) is that
-group's time per MAC; every multiplying op then costs its MACs at the mean time per MAC of
-the groups its axes carry, plus a constant that makes the unpruned model cost what it
-measured. Savings of two adjacent groups therefore compound through their ops' products as
+group's time per MAC (at least a tenth of the median, as single-group timings are noisy);
+every multiplying op then costs its MACs at the mean time per MAC of the groups its axes
+carry. A scale and a constant, fitted by least squares to the unpruned model and the
+variants with every group cut, say how that extrapolates (small channel counts run slower
+per MAC). Savings of two adjacent groups therefore compound through their ops' products as
 MACs do, while a group whose ops run slowly per MAC (a depthwise convolution, an op bound
 by memory) is priced by what it measured. The solver (:mod:`depgraph.targets`) removes units
 against this predictor, then the pruned model is timed; while it misses the target by more
@@ -59,11 +61,13 @@ class Estimate(NamedTuple):
 @dataclass
 class LatencyTable:
     """Measured seconds: ``baseline`` for the model, ``rows[g]`` a list of ``(kept units,
-    seconds)`` for variants with only group ``g`` cut."""
+    seconds)`` for variants with only group ``g`` cut, ``uniform`` a list of ``(kept counts
+    per group, seconds)`` for variants with every group cut to one fraction."""
 
     baseline: float
     rows: dict[int, list[tuple[int, float]]] = field(default_factory=dict)
     fingerprint: str = ""
+    uniform: list[tuple[dict[int, int], float]] = field(default_factory=list)
     timer: Timer | None = field(default=None, repr=False, compare=False)
     repeats: int = 7
 
@@ -102,8 +106,8 @@ def latency_table(analysis: Analysis, fractions: Sequence[float] = (0.5,), *, re
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     >>> a = depgraph.analyze(net, torch.zeros(1, 4))
     >>> table = depgraph.latency_table(a, timer=lambda m, args, kw: float(m[0].out_features))
-    >>> table.baseline, table.rows
-    (8.0, {0: [(4, 4.0)]})
+    >>> table.baseline, table.rows, table.uniform
+    (8.0, {0: [(4, 4.0)]}, [({0: 4}, 4.0)])
     """
     if any(not 0 < f < 1 for f in fractions) or not fractions:
         raise InputError(f"fractions must lie strictly between 0 and 1, got {list(fractions)}")
@@ -116,13 +120,21 @@ def latency_table(analysis: Analysis, fractions: Sequence[float] = (0.5,), *, re
     for n, group in enumerate(groups, 1):
         if show:
             print(f"\rlatency table: group {n}/{len(groups)}", end="", file=sys.stderr, flush=True)
-        kept = sorted({min(group.size - 1, max(group.min_keep, 1, round(f * group.size))) for f in fractions})
+        kept = sorted({_kept(group, f) for f in fractions})
         for k in kept:
             variant = prune(model, Plan.from_keep(analysis, {group.index: range(k)}), check=False)
             table.rows.setdefault(group.index, []).append((k, table.clock(variant, args, kwargs)))
+    for f in fractions:
+        counts = {g.index: _kept(g, f) for g in groups}
+        variant = prune(model, Plan.from_keep(analysis, {i: range(k) for i, k in counts.items()}), check=False)
+        table.uniform.append((counts, table.clock(variant, args, kwargs)))
     if show and groups:
         print(file=sys.stderr, flush=True)
     return table
+
+
+def _kept(group: Any, fraction: float) -> int:
+    return min(group.size - 1, max(group.min_keep, 1, round(fraction * group.size)))
 
 
 def example_inputs(analysis: Analysis, model: nn.Module) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -136,6 +148,21 @@ def example_inputs(analysis: Analysis, model: nn.Module) -> tuple[tuple[Any, ...
 
     keywords = analysis.keywords if analysis.tracer == "export" else {}
     return tuple(zeros(x) for x in analysis.inputs), {k: zeros(v) for k, v in keywords.items()}
+
+
+def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """``(scale, constant)`` with ``time ≈ constant + scale · predicted`` by least squares over
+    ``points`` (the first is the unpruned model, which one point alone fits with scale 1);
+    the scale is always positive, and the constant too where more than one point fits it."""
+    (x0, y0), n = points[0], len(points)
+    mx, my = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
+    var = sum((x - mx) ** 2 for x, _ in points)
+    scale = sum((x - mx) * (y - my) for x, y in points) / var if n > 1 and var > 0 else 0.0
+    if scale <= 0:
+        return 1.0, y0 - x0
+    if my - scale * mx < 0:  # through the origin
+        return sum(x * y for x, y in points) / sum(x * x for x, _ in points), 0.0
+    return scale, my - scale * mx
 
 
 class LatencyModel:
@@ -153,11 +180,16 @@ class LatencyModel:
             rates = [max(0.0, table.baseline - seconds) / max(1, self.costs.saving(full, {index: full[index] - k},
                                                                                      "macs")) for k, seconds in rows]
             per_mac[self.costs.atoms[index]] = sum(rates) / len(rates)
+        positive = sorted(r for r in per_mac.values() if r > 0)
+        least = positive[len(positive) // 2] / 10 if positive else 0.0  # single-group timings are noisy
         self.weights = []
         for term in self.costs.mac_terms:
-            rates = [per_mac[a] for a in {a for f in term.factors for a in atoms_of(f)} if a in per_mac]
+            rates = [max(per_mac[a], least) for a in {a for f in term.factors for a in atoms_of(f)} if a in per_mac]
             self.weights.append(1e9 * sum(rates) / len(rates) if rates else 0.0)
-        self.constant = 1e9 * table.baseline - self._weighted(self.costs._kept(full))
+        points = [(self._weighted(self.costs._kept(full)), 1e9 * table.baseline)]
+        points += [(self._weighted(self.costs._kept(self.costs.counts(c))), 1e9 * t) for c, t in table.uniform]
+        scale, self.constant = _fit(points)
+        self.weights = [scale * w for w in self.weights]
 
     def of(self, counts: Plan | dict[int, int] | None = None) -> Estimate:
         """The predicted latency (ns) of ``prune(model, plan)``."""

@@ -92,3 +92,19 @@ def test_clear_errors() -> None:
         on_meta = _net()
     with pytest.raises(depgraph.InputError, match="the model is on the meta device"):
         depgraph.latency_table(depgraph.analyze(on_meta, torch.zeros(1, 3, 8, 8, device="meta")))
+
+
+def test_uniform_variants_fit_the_scale_and_the_floor() -> None:
+    """Variants with every group cut set how far the per-group times extrapolate: with the
+    unpruned model they fit ``time = constant + scale · predicted`` exactly (two points)."""
+    model, x = _net(), torch.zeros(1, 3, 8, 8)
+    a = depgraph.analyze(model, x)
+    honest = depgraph.latency_table(a, timer=_macs_timer)
+    counts, _ = honest.uniform[0]
+    macs_full, macs_cut = depgraph.CostModel(a).of().macs, depgraph.CostModel(a).of(counts).macs
+    slower = 1e-9 * (macs_cut + macs_full) / 2  # the cut model runs at half the predicted saving
+    table = depgraph.LatencyTable(honest.baseline, honest.rows, a.fingerprint, [(counts, slower)], timer=_macs_timer)
+    predictor = LatencyModel(a, table)
+    assert abs(predictor.of().latency - macs_full) <= 1 and abs(predictor.of(counts).latency - 1e9 * slower) <= 1
+    least = {g.index: 1 for g in a.groups}
+    assert abs(predictor.of(least).latency - (depgraph.CostModel(a).of(least).macs + macs_full) / 2) <= 1
