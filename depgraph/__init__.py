@@ -7,14 +7,14 @@
 [(8, ['0.weight', '0.bias', '2.weight'])]
 """
 
-from passes.errors import DepgraphError, InputError, PlanError, ShapeError, TraceError
-
+from . import errors
 from .activations import ActivationStats, ChannelStats, activation_importance, activation_stats
 from .analyze import analyze, infer_inputs
 from .apply import prune, simulate, unsimulate
 from .calibrate import gradient_importance, recalibrate_batch_norm
 from .costs import Cost, CostModel, cost
-from .groups import ActivationMember, Analysis, Group, Member, Pinned
+from .errors import DepgraphError, InputError, PlanError, ShapeError, TraceError
+from .groups import ActivationMember, Analysis, Coupled, Group, Member, Pinned
 from .latency import LatencyTable, latency_table, measure_latency
 from .plan import Plan, Reconciliation
 from .solver import solve
@@ -23,7 +23,7 @@ __all__ = [
     "analyze", "infer_inputs", "solve", "prune", "simulate", "unsimulate", "cost", "Cost", "CostModel",
     "recalibrate_batch_norm", "gradient_importance", "activation_stats", "activation_importance",
     "ActivationStats", "ChannelStats", "latency_table", "measure_latency", "LatencyTable", "Plan", "Reconciliation",
-    "Analysis", "Group", "Member", "ActivationMember", "Pinned",
+    "Analysis", "Group", "Member", "ActivationMember", "Pinned", "Coupled", "errors",
     "DepgraphError", "TraceError", "ShapeError", "InputError", "PlanError",
 ]
 __version__ = "0.1.0"

@@ -95,6 +95,8 @@ def analyze(
           ('1.running_mean', 0), ('1.running_var', 0), ('3.weight', 1)])]
     """
     start = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if tracer not in TRACERS:
         raise InputError(f"tracer must be one of {list(TRACERS)}, got {tracer!r}")
     args, kwargs = _split_inputs(model, example_inputs)

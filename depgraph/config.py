@@ -114,7 +114,7 @@ def parse(config_list: Any) -> list[Config]:
     >>> parse([{"op_types": ["Linear"], "sparse_ration": 0.5}])
     Traceback (most recent call last):
     ...
-    passes.errors.InputError: config_list[0] has an unknown key 'sparse_ration'; did you mean 'sparse_ratio'?
+    depgraph.errors.InputError: config_list[0] has an unknown key 'sparse_ration'; did you mean 'sparse_ratio'?
     """
     if isinstance(config_list, (str, Mapping)) or not isinstance(config_list, Sequence):
         raise InputError(

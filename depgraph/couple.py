@@ -71,7 +71,7 @@ def couple(cx: Context, others: tuple[Context, ...] = ()) -> Coupling:
         Group(i, atom.size, tuple(ms), tuple(activations.get(atom, ())), atom, *minimum.get(atom, (1, "")))
         for i, (atom, ms) in enumerate(members.items())
     ]
-    pins = [Pinned(a.size, u.pin_reason(a) or "", tuple(ms)) for a, ms in pinned.items()]
+    pins = [Pinned(a.size, u.pin_reason(a) or "", tuple(ms), a) for a, ms in pinned.items()]
     lowered = {
         name: (gm, {n.name: _resolve(u, axes) for n, axes in found.items()}) for name, (gm, found) in cx.lowered.items()
     }

@@ -12,6 +12,7 @@ Glossary (also in the README):
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -19,10 +20,11 @@ from typing import Any, Iterable
 import networkx as nx
 import torch
 
-from passes.dims import Atom, Expr, coordinates, removed_mask
+from passes.dims import Atom, Expr, atoms_of, coordinates, removed_mask
+from passes.errors import InputError
 from passes.rules import Unsupported
 
-__all__ = ["Member", "ActivationMember", "Group", "Pinned", "Analysis"]
+__all__ = ["Member", "ActivationMember", "Group", "Pinned", "Coupled", "Analysis"]
 
 
 def _units(units: Iterable[int] | torch.Tensor, size: int) -> torch.Tensor:
@@ -120,6 +122,28 @@ class Pinned:
     size: int
     reason: str
     members: tuple[tuple[str, int], ...]
+    atom: Atom = field(repr=False, default=Atom(0, 1))
+
+
+@dataclass(frozen=True)
+class Coupled:
+    """The answer of :meth:`Analysis.lookup` for one atom of an axis: the ``group`` it
+    belongs to (with the ``unit`` the asked index is in, and every member index that unit
+    removes in ``removed``), or the ``pinned`` reason it may not be pruned."""
+
+    group: Group | None
+    unit: int | None = None
+    removed: dict[tuple[str, int], list[int]] = field(default_factory=dict)
+    pinned: str | None = None
+
+    def __str__(self) -> str:
+        if self.group is None:
+            return f"pinned: {self.pinned}"
+        head = f"group {self.group.index} ({self.group.size} units)"
+        if self.unit is None:
+            return f"{head}: {', '.join(f'{m.name} dim {m.dim}' for m in self.group.members)}"
+        return f"{head}, unit {self.unit}: " + "; ".join(
+            f"{name} dim {dim} {indices}" for (name, dim), indices in self.removed.items())
 
 
 @dataclass
@@ -152,6 +176,52 @@ class Analysis:
         one analysis can be checked against another."""
         text = repr([(g.size, [(m.name, m.dim) for m in g.members]) for g in self.groups])
         return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+    def lookup(self, name: str, dim: int = 0, index: int | None = None) -> list[Coupled]:
+        """What goes with axis ``dim`` of parameter or buffer ``name`` (and with its entry
+        ``index``): one :class:`Coupled` per atom of the axis (one for a plain axis; an axis
+        of heads × head_dim has two, a concat one per part holding the index), each the
+        group it belongs to or the reason it is pinned.
+
+        >>> import torch, depgraph
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+        >>> a = depgraph.analyze(net, torch.zeros(1, 4))
+        >>> [str(c) for c in a.lookup("0.weight", 0, 1)]
+        ['group 0 (3 units), unit 1: 0.weight dim 0 [1]; 0.bias dim 0 [1]; 2.weight dim 1 [1]']
+        >>> [str(c) for c in a.lookup("2.weight", 0)]  # doctest: +ELLIPSIS
+        ['pinned: ...']
+        """
+        axes = self.params.get(name)
+        if axes is None:
+            close = difflib.get_close_matches(name, list(self.params), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise InputError(f"the analysis has no parameter or buffer {name!r}{hint}")
+        if not 0 <= dim < len(axes):
+            raise InputError(f"{name} has {len(axes)} axes; dim {dim} is not one of them")
+        expr = axes[dim]
+        if index is not None and not 0 <= index < expr.size:
+            raise InputError(f"{name} has {expr.size} entries along dim {dim}; index {index} is out of range")
+        groups = {g.atom: g for g in self.groups}
+        pins = {p.atom: p for p in self.pinned}
+        found = []
+        for atom in dict.fromkeys(atoms_of(expr)):
+            unit = None
+            if index is not None:
+                unit = int(coordinates(expr, atom)[index])
+                if unit < 0:
+                    continue
+            if atom in groups:
+                found.append(self._coupled(groups[atom], unit))
+            else:
+                reason = pins[atom].reason if atom in pins else "only buffers hold it: nothing to learn there"
+                found.append(Coupled(None, pinned=reason or "pinned"))
+        return found
+
+    def _coupled(self, group: Group, unit: int | None) -> Coupled:
+        if unit is None:
+            return Coupled(group)
+        removed = {(m.name, m.dim): m.indices([unit]).tolist() for m in group.members}
+        return Coupled(group, unit, removed)
 
     def to_networkx(self) -> nx.Graph:
         """A bipartite graph: one node per group (``("group", i)``), one per member

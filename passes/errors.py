@@ -1,4 +1,7 @@
-"""One exception hierarchy for everything depgraph raises on purpose."""
+"""One exception hierarchy for everything depgraph raises on purpose.
+
+Users import them from ``depgraph.errors`` (or ``depgraph``); each class names that module
+as its own so tracebacks and pickles point at the public path, not this internal one."""
 
 from __future__ import annotations
 
@@ -23,3 +26,7 @@ class InputError(DepgraphError, ValueError):
 
 class PlanError(DepgraphError, ValueError):
     """A plan does not fit the analysis or model it is applied to."""
+
+
+for _error in (DepgraphError, TraceError, ShapeError, InputError, PlanError):
+    _error.__module__ = "depgraph.errors"

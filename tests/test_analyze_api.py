@@ -232,3 +232,32 @@ def test_an_atom_only_buffers_contain_is_not_a_group():
 
     a = depgraph.analyze(Positions(), torch.zeros(1, 6, 4))
     assert a.groups == []  # the 10 unused positions touch only the buffer: nothing to learn there
+
+
+def test_lookup_answers_what_goes_with_an_index() -> None:
+    concat = depgraph.analyze(ZOO["concat"].factory(), ZOO["concat"].example_inputs())
+    (answer,) = concat.lookup("c.weight", 1, 7)  # input 7 of c is channel 1 of b (after a's 6)
+    assert answer.group is concat.groups[1] and answer.unit == 1
+    assert answer.removed == {("b.weight", 0): [1], ("b.bias", 0): [1], ("c.weight", 1): [7]}
+    assert [c.group.index for c in concat.lookup("c.weight", 1)] == [0, 1]  # both parts of the concat
+    (pinned,) = concat.lookup("c.weight", 0, 2)
+    assert pinned.group is None and "output" in pinned.pinned
+    attention = depgraph.analyze(ZOO["attention"].factory(), ZOO["attention"].example_inputs())
+    heads, within = attention.lookup("q.weight", 0, 13)  # 4 heads x 8: head 1, entry 5 of it
+    assert (heads.group.size, heads.unit, within.group.size, within.unit) == (4, 1, 8, 5)
+    assert heads.removed[("o.weight", 1)] == list(range(8, 16)) and within.removed[("k.weight", 0)] == [5, 13, 21, 29]
+    with pytest.raises(depgraph.InputError, match="no parameter or buffer 'c.wieght'; did you mean 'c.weight'"):
+        concat.lookup("c.wieght", 1)
+    with pytest.raises(depgraph.InputError, match="index 14 is out of range"):
+        concat.lookup("c.weight", 1, 14)
+    with pytest.raises(depgraph.InputError, match="dim 4 is not one of them"):
+        concat.lookup("c.weight", 4)
+
+
+def test_errors_are_public_and_a_non_module_is_a_type_error() -> None:
+    from depgraph.errors import DepgraphError, PlanError
+
+    assert PlanError is depgraph.PlanError and issubclass(PlanError, DepgraphError)
+    assert depgraph.InputError.__module__ == "depgraph.errors"
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str"):
+        depgraph.analyze("torchvision:resnet18", torch.zeros(1, 3, 8, 8))
