@@ -14,7 +14,7 @@ from .groups import Analysis
 from .importance import AGGREGATES, CRITERIA, Criterion, ElementScores, Weights, describe, unit_scores
 from .latency import LatencyTable, within_latency
 from .plan import Plan
-from .targets import check_target, target_counts
+from .targets import STRATEGIES, check_target, target_counts
 
 __all__ = ["solve"]
 
@@ -36,6 +36,7 @@ def solve(
     seed: int | None = None,
     target: Mapping[str, float] | None = None,
     latency_table: LatencyTable | None = None,
+    strategy: str = "cost",
 ) -> Plan:
     """Choose the units each group keeps: rank units by importance, remove the lowest.
 
@@ -79,6 +80,10 @@ def solve(
         is an error that says how low the cost can go. ``{"latency": f}`` keeps that fraction
         of the model's latency measured on its current device (:mod:`depgraph.latency`):
         the pruned model is timed and the solver corrects itself while it misses.
+    strategy
+        With a target, how it spreads over the groups: ``"cost"`` (importance per cost
+        saved, across all groups), ``"importance"`` (importance alone) or ``"uniform"``
+        (one fraction of every group); see :data:`depgraph.targets.STRATEGIES`.
     latency_table
         With a latency target: a :func:`depgraph.latency_table` of this analysis, to reuse
         (measured here otherwise: one prune and a few timed runs per group).
@@ -123,8 +128,10 @@ def solve(
             raise InputError("target= chooses how much every group removes: pass it without sparsity=, "
                              "config_list= or global_ranking=")
         metric, fraction = check_target(target)
+        if strategy not in STRATEGIES:
+            raise InputError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
         solve_at = _target_solver(analysis, importance, aggregate, round_to, (min_sparse_ratio, max_sparse_ratio),
-                                  _generator(seed))
+                                  _generator(seed), strategy)
         if metric == "latency":
             return within_latency(analysis, fraction, latency_table, solve_at)
         return solve_at((metric, fraction), None)
@@ -158,7 +165,8 @@ def _generator(seed: int | None) -> torch.Generator:
 
 
 def _target_solver(analysis: Analysis, importance: Criterion, aggregate: str, round_to: int,
-                   ratios: tuple[float, float], generator: torch.Generator) -> Callable[[tuple[str, float], Any], Plan]:
+                   ratios: tuple[float, float], generator: torch.Generator,
+                   strategy: str) -> Callable[[tuple[str, float], Any], Plan]:
     """``solve_at(target, model)``: the plan for a target under a cost predictor (None: the
     exact :class:`~depgraph.costs.CostModel`), the units scored once."""
     low, high = _ratio("min_sparse_ratio", ratios[0]), _ratio("max_sparse_ratio", ratios[1], high=True)
@@ -170,7 +178,8 @@ def _target_solver(analysis: Analysis, importance: Criterion, aggregate: str, ro
               for b in blocks]
 
     def solve_at(target: tuple[str, float], model: Any) -> Plan:
-        counts = target_counts(analysis, blocks, scores, [_bounds(b) for b in blocks], target, round_to, model)
+        counts = target_counts(analysis, blocks, scores, [_bounds(b) for b in blocks], target, round_to, model,
+                               strategy=strategy)
         keep = {}
         for block, s, count in zip(blocks, scores, counts):
             if count:

@@ -32,6 +32,13 @@ METRICS = ("macs", "params", "latency")
 """What a target may bound: a fraction of the model's MACs, of its parameters or of its
 measured latency (:mod:`depgraph.latency`)."""
 
+STRATEGIES = ("cost", "importance", "uniform")
+"""How a target spreads over the groups: ``cost`` ranks units by normalized importance per
+cost saved (cheap, unimportant units of expensive groups first); ``importance`` by normalized
+importance alone (the target only sets how many go); ``uniform`` removes the same fraction of
+every group (the least fraction that reaches the target, within the bounds), each group's
+least important units first."""
+
 TOLERANCE = 0.01
 """How far below the target a result may land (relative) before :func:`target_counts` warns."""
 
@@ -60,6 +67,7 @@ class _Block:
     removed: int
     limit: int
     chunk: int
+    removed_min: int = 0
 
     def next_chunk(self) -> int:
         """Units the next step removes (the first step of a rounded block reaches a multiple)."""
@@ -81,11 +89,12 @@ class _Block:
 
 def target_counts(analysis: Analysis, blocks: list[Block], scores: list[torch.Tensor], bounds: list[tuple[int, int]],
                   target: tuple[str, float], round_to: int, model: Any = None,
-                  start: dict[int, int] | None = None) -> list[int]:
+                  start: dict[int, int] | None = None, strategy: str = "cost") -> list[int]:
     """Units each block loses for the model's cost to reach ``target`` (module doc);
     ``model`` predicts the cost (a :class:`CostModel` of the analysis by default; a
     :class:`~depgraph.latency.LatencyModel` for latency); ``start`` gives the kept units of
-    the groups no block holds (every unit by default)."""
+    the groups no block holds (every unit by default); ``strategy`` is one of
+    :data:`STRATEGIES`."""
     metric, fraction = target
     model = model if model is not None else CostModel(analysis)
     original = getattr(model.of(), metric)
@@ -105,6 +114,9 @@ def target_counts(analysis: Analysis, blocks: list[Block], scores: list[torch.Te
             f"pinned axes, max_sparse_ratio and the units every group keeps cost that much; ask for at least "
             f"{math.ceil(1000 * floor / original) / 1000:.3f}"
         )
+    if strategy == "uniform":
+        _uniform(model, analysis, states, metric, goal, start)
+        counts = _counts(analysis, states, start)
     current = getattr(model.of(counts), metric)
     while current > goal:
         prices, owners, savings, units = [], [], [], []
@@ -115,7 +127,7 @@ def target_counts(analysis: Analysis, blocks: list[Block], scores: list[torch.Te
                 continue
             sizes, scores_ = state.chunks(k)
             per_unit = saved / k
-            prices.append(scores_ / (per_unit / original))
+            prices.append(scores_ / (per_unit / original) if strategy == "cost" else scores_)
             owners.append(torch.full((len(sizes),), i))
             savings.append(sizes * per_unit)
             units.append(sizes)
@@ -143,6 +155,27 @@ def target_counts(analysis: Analysis, blocks: list[Block], scores: list[torch.Te
                       "groups' granularity (their sizes, round_to) left no closer plan the solver could find",
                       stacklevel=4)
     return [s.removed for s in states]
+
+
+def _uniform(model: Any, analysis: Analysis, states: list[_Block], metric: str, goal: int,
+             start: dict[int, int] | None) -> None:
+    """Set every block to the least common fraction of removed units (bisection over 40
+    steps) whose cost is within ``goal``; bounds and rounding hold per block."""
+
+    def place(r: float) -> int:
+        for state in states:
+            size = state.block.size
+            kept = min(size, -(-(size - math.floor(r * size + 1e-9)) // state.chunk) * state.chunk)
+            state.removed = min(state.limit, max(state.removed_min, size - kept))
+        return _cost(model, analysis, states, metric, start)
+
+    for state in states:
+        state.removed_min = state.removed
+    low, high = 0.0, 1.0
+    for _ in range(40):
+        middle = (low + high) / 2
+        low, high = (low, middle) if place(middle) <= goal else (middle, high)
+    place(high)
 
 
 def _refill(model: Any, analysis: Analysis, states: list[_Block], counts: dict[int, int], metric: str,

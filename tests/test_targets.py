@@ -139,3 +139,19 @@ def test_budget_errors() -> None:
     with pytest.raises(InputError, match="global groups 'x' and 'y' both have a budget"):
         depgraph.solve(b, config_list=[{"op_names": ["0"], "global_group_id": "x", "budget": {"macs": 0.5}},
                                        {"op_names": ["2"], "global_group_id": "y", "budget": {"macs": 0.5}}])
+
+
+def test_strategies_spread_a_target_differently_and_all_land() -> None:
+    """``cost`` prices units per cost saved (it may take most of an expensive group),
+    ``importance`` ranks by importance alone, ``uniform`` removes one fraction everywhere."""
+    a = _meta("resnet18")
+    whole = depgraph.cost(a).macs
+    kept = {}
+    for strategy in ("cost", "importance", "uniform"):
+        plan = depgraph.solve(a, target={"macs": 0.5}, importance="random", seed=0, strategy=strategy)
+        assert 0.495 <= depgraph.cost(a, plan).macs / whole <= 0.5, strategy
+        kept[strategy] = [len(plan.keep.get(g.index, range(g.size))) / g.size for g in a.groups]
+    assert max(kept["uniform"]) - min(kept["uniform"]) < 0.1  # after the refill, within a few units
+    assert min(kept["cost"]) < min(kept["importance"])
+    with pytest.raises(InputError, match="strategy must be one of cost, importance, uniform"):
+        depgraph.solve(a, target={"macs": 0.5}, strategy="greedy")
