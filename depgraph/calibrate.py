@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import copy
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from passes.errors import InputError
 
@@ -78,18 +79,11 @@ def recalibrate_batch_norm(
 
 
 def _progress(batches: Iterable[Any], what: str, show: bool | None) -> Iterator[Any]:
-    """``batches``, with ``what: batch i/n`` written over itself on stderr when ``show`` (None:
-    when stderr is a terminal)."""
+    """``batches`` behind a tqdm progress bar on stderr when ``show`` (None: when stderr is a
+    terminal)."""
     if show is None:
         show = sys.stderr.isatty()
-    total = f"/{len(batches)}" if isinstance(batches, Sized) else ""
-    seen = 0
-    for seen, batch in enumerate(batches, 1):
-        if show:
-            print(f"\r{what}: batch {seen}{total}", end="", file=sys.stderr, flush=True)
-        yield batch
-    if show and seen:
-        print(file=sys.stderr, flush=True)
+    yield from tqdm(batches, desc=what, unit="batch", disable=not show, file=sys.stderr, leave=False)
 
 
 def _call(model: nn.Module, batch: Any) -> Any:

@@ -1,67 +1,286 @@
-"""Command line: ``python -m depgraph analyze torchvision:resnet50``.
+"""Command line: ``depgraph analyze torchvision:resnet50``, ``depgraph prune ... --out DIR``
+(also ``python -m depgraph``).
 
-The model is named ``package.module:factory`` (``torchvision:NAME`` is short for
-``torchvision.models:NAME``); the factory is called with no arguments (torchvision
-factories get ``weights=None``, so nothing is downloaded).
+Model specs:
+
+- ``torchvision:NAME`` (``weights=None``: nothing is downloaded), ``timm:NAME`` (``pretrained=False``);
+- ``hf:PATH``: a local Hugging Face directory (its weights when it has them, random weights
+  from its ``config.json`` otherwise) or a ``config.json`` file; never a download;
+- ``package.module:factory``: the factory called with no arguments;
+- ``FILE.pt2``: a program saved by ``torch.export.save`` (its own example inputs).
+
+Exit codes: 0 done, 1 depgraph refused (the message says why and what to do), 2 bad usage
+(an unknown spec, a missing file, a malformed option).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 import time
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from passes.errors import DepgraphError
-
 from .analyze import analyze
+from .apply import prune
+from .costs import cost
+from .errors import DepgraphError
+from .groups import Analysis
+from .plan import Plan
+from .solver import solve
 
-__all__ = ["main", "load_model"]
+__all__ = ["main", "load_model", "UsageError"]
 
 
-def load_model(spec: str) -> nn.Module:
-    """Build the model named by ``package.module:factory``.
+class UsageError(Exception):
+    """A command line the tool cannot act on (exit code 2)."""
 
-    >>> type(load_model("torchvision:resnet18")).__name__
-    'ResNet'
+
+def load_model(spec: str) -> tuple[nn.Module, Any]:
+    """The model a spec names (module doc), in eval mode, and its default example inputs
+    (None: inferred by :func:`depgraph.analyze`).
+
+    >>> model, inputs = load_model("torchvision:resnet18")
+    >>> type(model).__name__, inputs
+    ('ResNet', None)
     """
-    module_name, sep, factory_name = spec.partition(":")
-    if not sep or not factory_name:
-        raise SystemExit(f"model must be given as package.module:factory (e.g. torchvision:resnet50), got {spec!r}")
-    if module_name == "torchvision":
-        module_name = "torchvision.models"
+    if spec.endswith(".pt2"):
+        return _exported(Path(spec))
+    kind, sep, name = spec.partition(":")
+    if not sep or not name:
+        raise UsageError(f"model must be torchvision:NAME, timm:NAME, hf:PATH, package.module:factory or FILE.pt2, "
+                         f"got {spec!r}")
+    if kind == "hf":
+        return _hugging_face(Path(name))
+    if kind == "timm":
+        timm = _module("timm", "timm:NAME needs timm: pip install timm")
+        try:
+            return timm.create_model(name, pretrained=False).eval(), None
+        except RuntimeError as exc:  # timm's "Unknown model"
+            raise UsageError(f"timm has no model {name!r}: {exc}") from exc
+    module = _module("torchvision.models" if kind == "torchvision" else kind, f"cannot import {kind!r}")
+    factory: Callable[..., nn.Module] | None = getattr(module, name, None)
+    if not callable(factory):
+        raise UsageError(f"{kind!r} has no factory {name!r}")
+    model = factory(weights=None) if kind == "torchvision" else factory()
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model.eval(), None
+
+
+def _module(name: str, message: str) -> Any:
     try:
-        factory: Callable[..., nn.Module] = getattr(importlib.import_module(module_name), factory_name)
-    except (ImportError, AttributeError) as exc:
-        raise SystemExit(f"cannot find {factory_name!r} in {module_name!r}: {exc}") from exc
-    return factory(weights=None) if module_name.startswith("torchvision") else factory()
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise UsageError(f"{message}: {exc}") from exc
+
+
+def _exported(path: Path) -> tuple[nn.Module, Any]:
+    if not path.is_file():
+        raise UsageError(f"no such file: {path}")
+    program = torch.export.load(str(path))
+    args, kwargs = program.example_inputs or ((), {})
+    return program.module(), (dict(kwargs) if kwargs else tuple(args))
+
+
+def _hugging_face(path: Path) -> tuple[nn.Module, Any]:
+    transformers = _module("transformers", "hf:PATH needs transformers: pip install transformers")
+    if not path.exists():
+        raise UsageError(f"no such Hugging Face directory or config file: {path}")
+    folder = path if path.is_dir() else path.parent
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path} holds no Hugging Face config: {str(exc).splitlines()[0]}") from exc
+    architecture = (getattr(config, "architectures", None) or ["AutoModel"])[0]
+    cls = getattr(transformers, architecture, None) or transformers.AutoModel
+    weighted = path.is_dir() and (any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin")))
+    if weighted:
+        model = cls.from_pretrained(str(folder), local_files_only=True)
+    else:
+        model = cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config)
+    return model.eval(), {"input_ids": torch.zeros(1, 16, dtype=torch.long), "use_cache": False}
+
+
+def _inputs(model: nn.Module, default: Any, shape: tuple[int, ...] | None) -> Any:
+    if shape is None:
+        return default
+    if isinstance(default, dict) and "input_ids" in default:
+        return {**default, "input_ids": torch.zeros(shape, dtype=torch.long)}
+    return torch.zeros(shape)
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected sizes separated by commas, e.g. 1,3,224,224; got {text!r}") from exc
+
+
+def _target(text: str) -> dict[str, float]:
+    metric, sep, value = text.partition("=")
+    try:
+        if sep:
+            return {metric: float(value)}
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected METRIC=FRACTION, e.g. macs=0.5; got {text!r}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="depgraph", description=__doc__.splitlines()[0].rstrip(","),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("analyze", help="print the coupling groups of a model")
+    _common(a)
+    out = a.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print groups, pinned atoms and notes as JSON")
+    out.add_argument("--graphml", metavar="FILE", help="write groups and their members as GraphML")
+    out.add_argument("--dot", metavar="FILE", help="write groups and the layers they touch as Graphviz DOT")
+    a.add_argument("--lookup", metavar="NAME[:DIM[:INDEX]]", help="what goes with a parameter axis or index")
+    p = sub.add_parser("prune", help="solve a plan and write the pruned model")
+    _common(p)
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--target", type=_target, metavar="METRIC=F", help="keep F of the macs, params or latency")
+    how.add_argument("--sparsity", type=float, metavar="R", help="remove R of every group's units")
+    how.add_argument("--config", metavar="FILE", help="an NNI-style config list (JSON)")
+    p.add_argument("--importance", default="l2", choices=["l1", "l2", "bn_scale", "random"])
+    p.add_argument("--round-to", type=int, default=1, metavar="N", help="keep a multiple of N units per group")
+    p.add_argument("--seed", type=int, default=0, help="seed for --importance random")
+    p.add_argument("--out", required=True, metavar="DIR", help="where the plan, weights and summary go")
+    return parser
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="torchvision:NAME, timm:NAME, hf:PATH, package.module:factory or FILE.pt2")
+    p.add_argument("--input-shape", type=_shape, metavar="SIZES",
+                   help="example input shape, e.g. 1,3,224,224 (token ids for hf:; inferred when omitted)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m depgraph", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("analyze", help="print the coupling groups of a model")
-    p.add_argument("model", help="package.module:factory, e.g. torchvision:resnet50")
-    p.add_argument("--input-shape", type=lambda s: tuple(int(x) for x in s.split(",")),
-                   help="example input shape, e.g. 1,3,224,224 (inferred when omitted)")
-    args = parser.parse_args(argv)
-    build_start = time.perf_counter()
-    model = load_model(args.model).eval()
-    built = time.perf_counter() - build_start
-    example = torch.zeros(args.input_shape) if args.input_shape else None
+    args = _parser().parse_args(argv)  # exits with 2 on bad usage
     try:
-        result = analyze(model, example)
+        return _COMMANDS[args.command](args)
+    except UsageError as exc:
+        print(f"depgraph: error: {exc}", file=sys.stderr)
+        return 2
     except DepgraphError as exc:
         print(f"depgraph: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    print(result.summary())
-    print(f"analyzed {args.model} in {result.seconds:.3f} s (building the model took {built:.2f} s)")
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    model, default = load_model(args.model)
+    built = time.perf_counter() - start
+    a = analyze(model, _inputs(model, default, args.input_shape))
+    if args.lookup:
+        name, _, rest = args.lookup.partition(":")
+        dim, _, index = rest.partition(":")
+        if not (dim or "0").isdigit() or not (index or "0").isdigit():
+            raise UsageError(f"--lookup takes NAME[:DIM[:INDEX]] with whole numbers, got {args.lookup!r}")
+        for answer in a.lookup(name, int(dim or 0), int(index) if index else None):
+            print(answer)
+        return 0
+    if args.json:
+        print(json.dumps(_as_json(a), indent=1))
+        return 0
+    if args.graphml:
+        _write_graphml(a, Path(args.graphml))
+    elif args.dot:
+        Path(args.dot).write_text(_as_dot(a))
+    print(a.summary())
+    print(f"analyzed {args.model} in {a.seconds:.3f} s (building the model took {built:.2f} s)")
     return 0
 
+
+def _prune(args: argparse.Namespace) -> int:
+    model, default = load_model(args.model)
+    a = analyze(model, _inputs(model, default, args.input_shape))
+    options = {"importance": args.importance, "round_to": args.round_to, "seed": args.seed}
+    if args.target is not None:
+        plan = solve(a, target=args.target, **options)
+    elif args.sparsity is not None:
+        plan = solve(a, args.sparsity, **options)
+    else:
+        plan = solve(a, config_list=_config(Path(args.config)), **options)
+    pruned = prune(model, plan)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plan.save(out / "plan.json")
+    written = _save_weights(pruned, out)
+    text = _summary(a, plan, args.model, written)
+    (out / "summary.txt").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def _config(path: Path) -> Any:
+    if not path.is_file():
+        raise UsageError(f"no such config file: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path} is not JSON: {exc}") from exc
+
+
+def _save_weights(pruned: nn.Module, out: Path) -> str:
+    if hasattr(pruned, "save_pretrained") and hasattr(pruned, "config"):
+        pruned.save_pretrained(str(out))  # config.json + model.safetensors: from_pretrained(out) rebuilds it
+        return f"{out} (Hugging Face: from_pretrained({str(out)!r}))"
+    from safetensors.torch import save_model
+
+    save_model(pruned, str(out / "model.safetensors"))
+    return (f"{out / 'model.safetensors'} (load: depgraph.prune(model, depgraph.Plan.load('plan.json')), then "
+            "safetensors.torch.load_model)")
+
+
+def _summary(a: Analysis, plan: Plan, spec: str, written: str) -> str:
+    before, after = cost(a), cost(a, plan)
+    rows = [f"pruned {spec}",
+            f"  params {before.params:,} -> {after.params:,} ({after.params / max(before.params, 1):.1%})",
+            f"  MACs   {before.macs:,} -> {after.macs:,} ({after.macs / max(before.macs, 1):.1%})",
+            f"  weights: {written}", "  groups pruned (kept / units):"]
+    for g in a.groups:
+        if g.index in plan.keep:
+            layers = ", ".join(g.layers[:3]) + (", ..." if len(g.layers) > 3 else "")
+            rows.append(f"    {g.index:>4}  {len(plan.keep[g.index]):>5} / {g.size:<5}  {layers}")
+    return "\n".join(rows)
+
+
+def _as_json(a: Analysis) -> dict[str, Any]:
+    return {
+        "tracer": a.tracer,
+        "seconds": a.seconds,
+        "groups": [{"index": g.index, "size": g.size, "min_keep": g.min_keep, "layers": g.layers,
+                    "members": [[m.name, m.dim] for m in g.members]} for g in a.groups],
+        "pinned": [{"size": p.size, "reason": p.reason, "members": [list(m) for m in p.members]} for p in a.pinned],
+        "unsupported": [{"op": str(u.op), "node": u.node, "reason": u.reason} for u in a.unsupported],
+        "notes": a.notes,
+    }
+
+
+def _write_graphml(a: Analysis, path: Path) -> None:
+    import networkx as nx
+
+    graph = nx.relabel_nodes(a.to_networkx(), lambda n: ":".join(map(str, n)))
+    nx.write_graphml(graph, str(path))
+
+
+def _as_dot(a: Analysis) -> str:
+    lines = ["graph depgraph {", "  node [shape=box];"]
+    for g in a.groups:
+        lines.append(f'  "group {g.index}" [shape=ellipse, label="group {g.index}\\n{g.size} units"];')
+        lines += [f'  "group {g.index}" -- "{layer}";' for layer in g.layers]
+    return "\n".join(lines + ["}"]) + "\n"
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"analyze": _analyze, "prune": _prune}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from passes.dims import atoms_of
 from passes.errors import InputError
@@ -117,9 +118,7 @@ def latency_table(analysis: Analysis, fractions: Sequence[float] = (0.5,), *, re
     table.baseline = table.clock(model, args, kwargs)
     groups = [g for g in analysis.groups if g.size > max(1, g.min_keep)]
     show = sys.stderr.isatty() if progress is None else progress
-    for n, group in enumerate(groups, 1):
-        if show:
-            print(f"\rlatency table: group {n}/{len(groups)}", end="", file=sys.stderr, flush=True)
+    for group in tqdm(groups, desc="latency table", unit="group", disable=not show, file=sys.stderr, leave=False):
         kept = sorted({_kept(group, f) for f in fractions})
         for k in kept:
             variant = prune(model, Plan.from_keep(analysis, {group.index: range(k)}), check=False)
@@ -128,8 +127,6 @@ def latency_table(analysis: Analysis, fractions: Sequence[float] = (0.5,), *, re
         counts = {g.index: _kept(g, f) for g in groups}
         variant = prune(model, Plan.from_keep(analysis, {i: range(k) for i, k in counts.items()}), check=False)
         table.uniform.append((counts, table.clock(variant, args, kwargs)))
-    if show and groups:
-        print(file=sys.stderr, flush=True)
     return table
 
 

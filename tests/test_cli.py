@@ -1,0 +1,109 @@
+"""The command line: every subcommand and model spec, exit codes 0 / 1 / 2 with one-line messages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import depgraph
+from depgraph.cli import main
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_analyze_prints_json_graphml_dot_and_lookups(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, out, _ = _run(capsys, "analyze", "torchvision:resnet18")
+    assert code == 0 and "12 groups" in out
+    code, out, _ = _run(capsys, "analyze", "torchvision:resnet18", "--json")
+    data = json.loads(out)
+    assert code == 0 and len(data["groups"]) == 12 and data["groups"][1]["members"][0] == ["layer1.0.conv1.weight", 0]
+    assert _run(capsys, "analyze", "torchvision:resnet18", "--graphml", str(tmp_path / "g.graphml"))[0] == 0
+    assert "group:0" in (tmp_path / "g.graphml").read_text()
+    assert _run(capsys, "analyze", "torchvision.models:resnet18", "--dot", str(tmp_path / "g.dot"))[0] == 0
+    assert '"group 1" -- "layer1.0.conv1";' in (tmp_path / "g.dot").read_text()
+    code, out, _ = _run(capsys, "analyze", "torchvision:resnet18", "--lookup", "layer1.0.conv1.weight:0:5")
+    assert code == 0 and out.startswith("group 1 (64 units), unit 5: layer1.0.conv1.weight dim 0 [5];")
+
+
+def test_prune_writes_a_plan_weights_and_a_summary_that_rebuild_the_model(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, out, _ = _run(capsys, "prune", "torchvision:resnet18", "--target", "macs=0.5", "--input-shape",
+                        "1,3,64,64", "--out", str(tmp_path))
+    assert code == 0 and "MACs" in out and (tmp_path / "summary.txt").read_text().strip() == out.strip()
+    import torchvision
+    from safetensors.torch import load_model
+
+    plan = depgraph.Plan.load(tmp_path / "plan.json")
+    rebuilt = depgraph.prune(torchvision.models.resnet18(weights=None).eval(), plan)
+    load_model(rebuilt, str(tmp_path / "model.safetensors"))
+    a = depgraph.analyze(rebuilt, torch.zeros(1, 3, 64, 64))
+    assert 0.49 <= depgraph.cost(a).macs / depgraph.cost(depgraph.analyze(
+        torchvision.models.resnet18(weights=None), torch.zeros(1, 3, 64, 64))).macs <= 0.5
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps([{"op_types": ["Conv2d"], "sparse_ratio": 0.25}]))
+    assert _run(capsys, "prune", "torchvision:resnet18", "--config", str(config), "--out", str(tmp_path / "c"))[0] == 0
+
+
+def test_hugging_face_directory_round_trips_through_from_pretrained(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                      architectures=["LlamaForCausalLM"])
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "src")
+    mlp = tmp_path / "mlp.json"  # MLP widths only: a config describes them (head sizes pruned apart would not)
+    mlp.write_text(json.dumps([{"op_names_re": [".*mlp\\.gate_proj"], "sparse_ratio": 0.25}]))
+    code, out, _ = _run(capsys, "prune", f"hf:{tmp_path / 'src'}", "--config", str(mlp), "--out", str(tmp_path / "out"))
+    assert code == 0 and "from_pretrained" in out
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    original = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "src").eval()
+    expected = depgraph.prune(original, depgraph.Plan.load(tmp_path / "out" / "plan.json"))
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, expected(ids).logits)
+    assert reloaded.config.intermediate_size == 36
+    code, out, _ = _run(capsys, "analyze", f"hf:{tmp_path / 'src' / 'config.json'}")  # a config alone: random weights
+    assert code == 0 and "groups" in out
+
+
+def test_an_exported_program(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    torch.export.save(torch.export.export(model, (torch.zeros(3, 4),)), tmp_path / "m.pt2")
+    code, out, _ = _run(capsys, "analyze", str(tmp_path / "m.pt2"))
+    assert code == 0 and "1 groups" in out
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["analyze", "resnet18"], "model must be torchvision:NAME"),
+    (["analyze", "torchvision:resnet1800"], "'torchvision' has no factory 'resnet1800'"),
+    (["analyze", "nosuchpackage:f"], "cannot import 'nosuchpackage'"),
+    (["analyze", "timm:no_such_net"], "timm has no model 'no_such_net'"),
+    (["analyze", "missing.pt2"], "no such file: missing.pt2"),
+    (["analyze", "hf:/no/such/dir"], "no such Hugging Face directory or config file"),
+    (["prune", "torchvision:resnet18", "--config", "missing.json", "--out", "x"], "no such config file"),
+    (["analyze", "torchvision:resnet18", "--lookup", "fc.weight:x"], "--lookup takes NAME[:DIM[:INDEX]]"),
+])
+def test_bad_usage_exits_2_with_one_line(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
+    code, out, err = _run(capsys, *argv)
+    assert code == 2 and message in err and err.count("\n") == 1 and not out
+
+
+def test_refusals_exit_1_and_malformed_options_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, _, err = _run(capsys, "prune", "torchvision:resnet18", "--target", "macs=0.0001", "--out", str(tmp_path))
+    assert code == 1 and err.startswith("depgraph: InputError: the macs cannot go below") and err.count("\n") == 1
+    code, _, err = _run(capsys, "analyze", "torchvision:resnet18", "--lookup", "fc.wieght")
+    assert code == 1 and "did you mean 'fc.weight'" in err
+    for argv in (["prune", "torchvision:resnet18", "--target", "macs", "--out", "x"], ["frobnicate"],
+                 ["prune", "torchvision:resnet18", "--out", "x"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
