@@ -12,6 +12,7 @@ from .activations import ActivationStats, ChannelStats, activation_importance, a
 from .analyze import analyze, infer_inputs
 from .apply import prune, simulate, unsimulate
 from .calibrate import gradient_importance, recalibrate_batch_norm
+from .compose import compose
 from .costs import Cost, CostModel, cost
 from .errors import DepgraphError, InputError, PlanError, ShapeError, TraceError
 from .groups import ActivationMember, Analysis, Coupled, Group, Member, Pinned
@@ -20,7 +21,7 @@ from .plan import Plan, Reconciliation
 from .solver import solve
 
 __all__ = [
-    "analyze", "infer_inputs", "solve", "prune", "simulate", "unsimulate", "cost", "Cost", "CostModel",
+    "analyze", "infer_inputs", "solve", "prune", "simulate", "unsimulate", "compose", "cost", "Cost", "CostModel",
     "recalibrate_batch_norm", "gradient_importance", "activation_stats", "activation_importance",
     "ActivationStats", "ChannelStats", "latency_table", "measure_latency", "LatencyTable", "Plan", "Reconciliation",
     "Analysis", "Group", "Member", "ActivationMember", "Pinned", "Coupled", "errors",
