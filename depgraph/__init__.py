@@ -18,10 +18,12 @@ from .errors import DepgraphError, InputError, PlanError, ShapeError, TraceError
 from .groups import ActivationMember, Analysis, Coupled, Group, Member, Pinned
 from .latency import LatencyTable, latency_table, measure_latency
 from .plan import Plan, Reconciliation
+from .regularize import GroupRegularizer
 from .solver import solve
 
 __all__ = [
-    "analyze", "infer_inputs", "solve", "prune", "simulate", "unsimulate", "compose", "cost", "Cost", "CostModel",
+    "analyze", "infer_inputs", "solve", "prune", "simulate", "unsimulate", "compose", "GroupRegularizer",
+    "cost", "Cost", "CostModel",
     "recalibrate_batch_norm", "gradient_importance", "activation_stats", "activation_importance",
     "ActivationStats", "ChannelStats", "latency_table", "measure_latency", "LatencyTable", "Plan", "Reconciliation",
     "Analysis", "Group", "Member", "ActivationMember", "Pinned", "Coupled", "errors",

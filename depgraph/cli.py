@@ -230,8 +230,9 @@ def _config(path: Path) -> Any:
 
 
 def _save_weights(pruned: nn.Module, out: Path) -> str:
-    if hasattr(pruned, "save_pretrained") and hasattr(pruned, "config"):
-        pruned.save_pretrained(str(out))  # config.json + model.safetensors: from_pretrained(out) rebuilds it
+    save_pretrained = getattr(pruned, "save_pretrained", None)
+    if callable(save_pretrained) and hasattr(pruned, "config"):
+        save_pretrained(str(out))  # config.json + model.safetensors: from_pretrained(out) rebuilds it
         return f"{out} (Hugging Face: from_pretrained({str(out)!r}))"
     from safetensors.torch import save_model
 
