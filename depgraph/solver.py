@@ -36,7 +36,7 @@ def solve(
     seed: int | None = None,
     target: Mapping[str, float] | None = None,
     latency_table: LatencyTable | None = None,
-    strategy: str = "cost",
+    strategy: str = "importance",
 ) -> Plan:
     """Choose the units each group keeps: rank units by importance, remove the lowest.
 
@@ -81,9 +81,11 @@ def solve(
         of the model's latency measured on its current device (:mod:`depgraph.latency`):
         the pruned model is timed and the solver corrects itself while it misses.
     strategy
-        With a target, how it spreads over the groups: ``"cost"`` (importance per cost
-        saved, across all groups), ``"importance"`` (importance alone) or ``"uniform"``
-        (one fraction of every group); see :data:`depgraph.targets.STRATEGIES`.
+        With a target, how it spreads over the groups: ``"importance"`` (the default: units
+        ranked by normalized importance across all groups until the cost reaches the
+        target), ``"uniform"`` (one fraction of every group) or ``"cost"`` (importance per
+        cost saved, which may empty the groups whose units save the most); see
+        :data:`depgraph.targets.STRATEGIES` and ``benchmarks/results/quality.md``.
     latency_table
         With a latency target: a :func:`depgraph.latency_table` of this analysis, to reuse
         (measured here otherwise: one prune and a few timed runs per group).

@@ -1,9 +1,10 @@
 """Solving for a cost target: ``depgraph.solve(a, target={"macs": 0.5})``.
 
 Every group's units are ranked by importance (normalized by the group's mean score, as
-in a global ranking); a unit's price is its normalized score divided by what removing it
-saves (:class:`~depgraph.costs.CostModel`, exact at the current counts: savings compound
-through products, so they are recomputed as groups shrink). Rounds remove the cheapest
+in a global ranking); a unit's price is its normalized score (divided by what removing it
+saves with ``strategy="cost"``). What a unit saves comes from
+:class:`~depgraph.costs.CostModel`, exact at the current counts: savings compound through
+products, so they are recomputed as groups shrink. Rounds remove the cheapest
 units until the model's cost is at most the target: each round takes, in order of price,
 units that each save no more than what is left to save, until their predicted saving
 covers half of it (one unit at least); when every unit left would pass the target, the
@@ -33,11 +34,13 @@ METRICS = ("macs", "params", "latency")
 measured latency (:mod:`depgraph.latency`)."""
 
 STRATEGIES = ("cost", "importance", "uniform")
-"""How a target spreads over the groups: ``cost`` ranks units by normalized importance per
-cost saved (cheap, unimportant units of expensive groups first); ``importance`` by normalized
+"""How a target spreads over the groups: ``importance`` (the default) ranks units by normalized
 importance alone (the target only sets how many go); ``uniform`` removes the same fraction of
 every group (the least fraction that reaches the target, within the bounds), each group's
-least important units first."""
+least important units first; ``cost`` ranks by normalized importance per cost saved (cheap,
+unimportant units of expensive groups first), which tends to empty the groups whose units
+save the most (a stem keeping 1 of 64 channels): after fine-tuning it lost to both others in
+``benchmarks/quality.py``."""
 
 TOLERANCE = 0.01
 """How far below the target a result may land (relative) before :func:`target_counts` warns."""
@@ -89,7 +92,7 @@ class _Block:
 
 def target_counts(analysis: Analysis, blocks: list[Block], scores: list[torch.Tensor], bounds: list[tuple[int, int]],
                   target: tuple[str, float], round_to: int, model: Any = None,
-                  start: dict[int, int] | None = None, strategy: str = "cost") -> list[int]:
+                  start: dict[int, int] | None = None, strategy: str = "importance") -> list[int]:
     """Units each block loses for the model's cost to reach ``target`` (module doc);
     ``model`` predicts the cost (a :class:`CostModel` of the analysis by default; a
     :class:`~depgraph.latency.LatencyModel` for latency); ``start`` gives the kept units of

@@ -48,9 +48,10 @@ def test_round_to_and_bounds_hold() -> None:
         assert group.size - int(0.8 * group.size) <= kept <= group.size - int(0.1 * group.size)
 
 
-def test_a_unit_that_saves_more_for_its_importance_goes_first() -> None:
-    """Two branches of equal importance: the one whose units cost four times as much (a
-    larger image) goes first for a MACs target, and the cheap one for none at all."""
+def test_a_unit_that_saves_more_for_its_importance_goes_first_by_cost() -> None:
+    """Two branches of equal importance: with ``strategy="cost"`` the one whose units cost
+    four times as much (a larger image) goes first for a MACs target, and the cheap one not
+    at all."""
 
     class Branches(nn.Module):
         def __init__(self) -> None:
@@ -67,7 +68,7 @@ def test_a_unit_that_saves_more_for_its_importance_goes_first() -> None:
 
     a = depgraph.analyze(Branches().eval(), torch.randn(1, 3, 8, 8))
     big = next(g.index for g in a.groups if "big" in g.layers)
-    plan = depgraph.solve(a, target={"macs": 0.6})
+    plan = depgraph.solve(a, target={"macs": 0.6}, strategy="cost")
     assert big in plan.keep and next(g.index for g in a.groups if "small" in g.layers) not in plan.keep
 
 
