@@ -177,8 +177,10 @@ def trace_fx(
     if missing:
         raise TraceError(f"leaf_modules names modules the model does not have: {missing}")
     tracer = _LeafTracer(leaf_types, leaf_modules)
+    before = set(vars(model))
     try:
         graph = tracer.trace(model)
+        return fx.GraphModule(tracer.root, graph, model.__class__.__name__)
     except Exception as exc:  # fx raises many types; all mean "cannot trace"
         path = tracer.failed_in
         where = (
@@ -191,8 +193,9 @@ def trace_fx(
             "Name that module in leaf_modules= to keep it whole (its axes are then pinned), "
             "or make its forward free of data-dependent control flow."
         ) from exc
-    name = model.__class__.__name__
-    return fx.GraphModule(tracer.root, graph, name)
+    finally:  # fx stores tensors a forward computes from real ones (buf[None, :]) on the model: take them back
+        for added in set(vars(model)) - before:
+            delattr(model, added)
 
 
 def trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> fx.GraphModule:

@@ -261,3 +261,27 @@ def test_errors_are_public_and_a_non_module_is_a_type_error() -> None:
     assert depgraph.InputError.__module__ == "depgraph.errors"
     with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str"):
         depgraph.analyze("torchvision:resnet18", torch.zeros(1, 3, 8, 8))
+
+
+def test_a_tensor_computed_from_a_buffer_is_not_left_on_the_model() -> None:
+    """fx stores ``self.scale[None, :]`` (a real tensor) on the traced root as ``_tensor_constant0``;
+    the analysis takes it back, so the model is unchanged and prune accepts its own plan."""
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 2)
+            self.register_buffer("scale", torch.arange(8.0))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.fc2(self.fc1(x) * self.scale[None, :])
+
+    model = Scaled().eval()
+    before = set(vars(model))
+    a = depgraph.analyze(model, torch.zeros(2, 4))
+    assert set(vars(model)) == before
+    plan = depgraph.solve(a, 0.5)
+    x = torch.randn(3, 4)
+    with pytest.warns(UserWarning, match="does not compute what the pruned graph computes"):
+        pruned = depgraph.prune(model, plan)  # the buffer read as a constant: the graph is returned
+    torch.testing.assert_close(pruned(x), depgraph.simulate(model, plan)(x))
