@@ -88,14 +88,15 @@ class ActivationStats(dict):  # type: ignore[type-arg]
         return lambda group, tensors: score(group, tensors, self)
 
 
-def activation_stats(model: nn.Module, batches: Iterable[Any], *, progress: bool | None = None) -> ActivationStats:
+def activation_stats(model: nn.Module, batches: Iterable[Any], *, progress: bool | None = None,
+                     inputs: Callable[[Any], Any] | None = None) -> ActivationStats:
     """Per-input-channel statistics of every linear and convolution layer of ``model`` over
     ``batches`` (each a tensor, a tuple of positional inputs or a dict of keyword inputs).
 
     Runs in the model's current mode under ``torch.no_grad``; buffers a forward updates
     (batch-norm statistics in training mode) are restored and the hooks removed, so the
-    model is not changed. ``progress`` prints a batch counter to stderr (default: when
-    stderr is a terminal)."""
+    model is not changed. ``progress`` shows a progress bar on stderr (default: when stderr is
+    a terminal); ``inputs(batch)`` picks the model's inputs from a batch that holds more."""
     modules = {name: m for name, m in model.named_modules() if isinstance(m, _CONSUMERS)}
     if not modules:
         raise InputError(f"{type(model).__name__} has no nn.Linear or convolution: no activation statistics to collect")
@@ -106,7 +107,7 @@ def activation_stats(model: nn.Module, batches: Iterable[Any], *, progress: bool
     try:
         with torch.no_grad():
             for batch in _progress(batches, "activation statistics", progress):
-                _call(model, batch)
+                _call(model, batch, inputs)
                 seen += 1
     finally:
         for handle in handles:
@@ -121,7 +122,7 @@ def activation_stats(model: nn.Module, batches: Iterable[Any], *, progress: bool
 
 def activation_importance(
     model: nn.Module, batches: Iterable[Any] | ActivationStats, *, kind: str = "activation",
-    progress: bool | None = None,
+    progress: bool | None = None, inputs: Callable[[Any], Any] | None = None,
 ) -> ElementScores:
     """Per-entry scores of every hooked weight for ``solve(..., importance=scores)``:
     ``kind="activation"`` (Wanda-sp, ``|w| · rms(x)``) or ``"fluctuation"`` (FLAP,
@@ -135,7 +136,8 @@ def activation_importance(
     """
     if kind not in ACTIVATION_KINDS:
         raise InputError(f"kind must be one of {', '.join(ACTIVATION_KINDS)}, got {kind!r}")
-    stats = batches if isinstance(batches, ActivationStats) else activation_stats(model, batches, progress=progress)
+    stats = batches if isinstance(batches, ActivationStats) else activation_stats(
+        model, batches, progress=progress, inputs=inputs)
     params = checked_params(model, stats)
     scores = ElementScores()
     for name, s in stats.items():

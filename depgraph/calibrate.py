@@ -40,14 +40,17 @@ Optimal Brain Damage)."""
 
 
 def recalibrate_batch_norm(
-    model: nn.Module, batches: Iterable[Any], *, inplace: bool = False, progress: bool | None = None
+    model: nn.Module, batches: Iterable[Any], *, inplace: bool = False, progress: bool | None = None,
+    inputs: Callable[[Any], Any] | None = None,
 ) -> nn.Module:
     """``model`` (a copy unless ``inplace``) with the running statistics of every batch norm
     that tracks them recomputed from ``batches``: each a tensor (``model(batch)``), a tuple
     (``model(*batch)``) or a dict (``model(**batch)``). Statistics are the average over the
     batches of each batch's mean and unbiased variance (``momentum=None``); every module's
     train/eval mode and every batch norm's momentum are as they were afterwards. ``progress``
-    prints a batch counter to stderr (default: when stderr is a terminal)."""
+    shows a progress bar on stderr (default: when stderr is a terminal). ``inputs(batch)``
+    picks the model's inputs from a batch that holds more (``lambda b: b[0]`` for ``(images,
+    labels)``)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     target = model if inplace else copy.deepcopy(model)
@@ -66,7 +69,7 @@ def recalibrate_batch_norm(
             m.train()
         with torch.no_grad():
             for batch in _progress(batches, "batch-norm statistics", progress):
-                _call(target, batch)
+                _call(target, batch, inputs)
                 seen += 1
     finally:
         for module, training in modes.items():
@@ -86,7 +89,9 @@ def _progress(batches: Iterable[Any], what: str, show: bool | None) -> Iterator[
     yield from tqdm(batches, desc=what, unit="batch", disable=not show, file=sys.stderr, leave=False)
 
 
-def _call(model: nn.Module, batch: Any) -> Any:
+def _call(model: nn.Module, batch: Any, inputs: Callable[[Any], Any] | None = None) -> Any:
+    if inputs is not None:
+        batch = inputs(batch)
     if isinstance(batch, Mapping):
         return model(**batch)
     if isinstance(batch, (tuple, list)):
@@ -96,15 +101,20 @@ def _call(model: nn.Module, batch: Any) -> Any:
 
 def gradient_importance(
     model: nn.Module, batches: Iterable[Any], *, loss: Callable[[Any, Any], torch.Tensor] | None = None,
-    kind: str = "taylor", progress: bool | None = None,
+    kind: str = "taylor", progress: bool | None = None, inputs: Callable[[Any], Any] | None = None,
 ) -> ElementScores:
     """Per-entry importance of every parameter that gets a gradient, from ``batches`` (as in
     :func:`recalibrate_batch_norm`), for ``solve(..., importance=scores)``. ``loss(output,
     batch)`` gives the loss of one batch (the mean square of the outputs when None). Runs
     in the model's current mode; gradients come from ``torch.autograd.grad`` (no ``.grad``
     written) and buffers a forward updates are restored: the model is not changed. Only
-    running sums are kept (one tensor per parameter), never activations. ``progress`` as in
-    :func:`recalibrate_batch_norm`."""
+    running sums are kept (one tensor per parameter), never activations. ``progress`` and
+    ``inputs`` as in :func:`recalibrate_batch_norm`: with ``inputs``, ``loss(output, batch)``
+    still gets the whole batch, labels included::
+
+        scores = gradient_importance(model, loader, inputs=lambda b: b[0],
+                                     loss=lambda out, b: F.cross_entropy(out, b[1]))
+    """
     if kind not in KINDS:
         raise InputError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -117,7 +127,7 @@ def gradient_importance(
     seen = 0
     try:
         for batch in _progress(batches, f"{kind} importance", progress):
-            output = _call(model, batch)
+            output = _call(model, batch, inputs)
             value = loss(output, batch) if loss is not None else _output_norm(output)
             grads = torch.autograd.grad(value, [p for _, p in named], allow_unused=True)
             for total, g in zip(sums, grads):

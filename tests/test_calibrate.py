@@ -114,3 +114,16 @@ def test_taylor_ranks_a_recorded_model() -> None:
     scores = depgraph.gradient_importance(model, [x])
     by_unit = (scores["a.weight"].sum(1) + scores["a.bias"] + scores["b.weight"].sum(0)) / 3
     assert depgraph.solve(a, 0.5, importance=scores).keep[0].tolist() == sorted(by_unit.argsort()[3:].tolist())
+
+
+def test_batches_with_labels_feed_the_model_their_inputs_and_the_loss_everything() -> None:
+    model = _two_layers()
+    data = [(torch.randn(4, 2, generator=torch.Generator().manual_seed(i)), torch.tensor([0, 1, 1, 0]))
+            for i in range(2)]
+    scores = depgraph.gradient_importance(model, data, inputs=lambda b: b[0],
+                                          loss=lambda out, b: nn.functional.cross_entropy(out, b[1]))
+    grads = [torch.autograd.grad(nn.functional.cross_entropy(model(x), y), model[0].weight)[0] for x, y in data]
+    torch.testing.assert_close(scores["0.weight"], (model[0].weight.detach() * (grads[0] + grads[1])).abs())
+    stats = depgraph.activation_stats(model, data, inputs=lambda b: b[0])
+    assert stats["0.weight"].count == 8
+    assert depgraph.recalibrate_batch_norm(_net(), [(torch.randn(2, 3, 8, 8), 0)], inputs=lambda b: b[0])
