@@ -385,7 +385,7 @@ def _getitem(node: fx.Node, nodes: dict[str, Any], sizes: Sizes) -> bool:
     used = sum(1 for i in items if i is not None and i is not Ellipsis)
     for i in items:
         if i is not None and i is not Ellipsis:
-            if isinstance(i, slice) and sizes.touches(x[k]):
+            if isinstance(i, slice) and sizes.touches(x[k]) and not _whole(i, x[k].size):
                 i, changed = _rebound(i, sizes.mask(x[k])), True
             k += 1
         elif i is Ellipsis:
@@ -395,6 +395,12 @@ def _getitem(node: fx.Node, nodes: dict[str, Any], sizes: Sizes) -> bool:
         return False
     node.args = (source, tuple(new) if isinstance(index, tuple) else new[0])
     return True
+
+
+def _whole(s: slice, size: int) -> bool:
+    """Whether ``s`` takes every index of an axis of ``size`` in order (``[:]``): it still does
+    after pruning, so it stays as written."""
+    return s.indices(size) == (0, size, 1)
 
 
 def _rebound(s: slice, mask: torch.Tensor) -> slice:
@@ -455,7 +461,7 @@ def _aten_slice(node: fx.Node, nodes: dict[str, Any], sizes: Sizes) -> bool:
     x = nodes[node.args[0].name]
     dim = _schema_arg(node, "dim", 0)[1] % len(x)
     bounds = [_schema_arg(node, name, default)[1] for name, default in (("start", None), ("end", None), ("step", 1))]
-    if not sizes.touches(x[dim]) or any(isinstance(b, fx.Node) for b in bounds):
+    if not sizes.touches(x[dim]) or any(isinstance(b, fx.Node) for b in bounds) or _whole(slice(*bounds), x[dim].size):
         return False
     s = _rebound(slice(*bounds), sizes.mask(x[dim]))
     node.args, node.kwargs = (node.args[0], dim, s.start, s.stop, s.step or 1), {}

@@ -330,3 +330,24 @@ def test_a_recorded_graph_refuses_other_shapes_with_a_clear_error() -> None:
     assert simulated(TOK).shape == (2, 5, 2)
     with pytest.raises(depgraph.TraceError, match=r"recorded on inputs of shapes \[\(2, 5, 8\)\]"):
         simulated(torch.randn(3, 5, 8))
+
+
+def test_a_whole_slice_over_a_pruned_axis_keeps_the_class() -> None:
+    """``h[:, :]`` takes every kept index after pruning as before: it stays as written, so the
+    pruned model is the model's own class (not a graph with ``h[:, 0:3]``)."""
+
+    class Whole(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.a(x)[:, :] + self.a(x)[..., 0:6])
+
+    model = Whole().eval()
+    a = depgraph.analyze(model, torch.zeros(3, 4))
+    plan = depgraph.Plan.from_keep(a, {0: [0, 2, 5]})
+    pruned = depgraph.prune(model, plan)
+    x = torch.randn(5, 4)
+    assert type(pruned) is Whole
+    torch.testing.assert_close(pruned(x), depgraph.simulate(model, plan)(x))
