@@ -27,6 +27,7 @@ import statistics
 import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -97,7 +98,7 @@ def main() -> None:
     header = ["model", "target", "solved for", "latency kept (measured)", "MACs kept", "table built in", "warning"]
     text = markdown_table(header, rows)
     print(text)
-    out = args.out or (None if subset else RESULTS / "latency_target.md")
+    out = Path(args.out) if args.out else (None if subset else RESULTS / "latency_target.md")
     if out:
         write(out, "# Latency targets on the CPU\n\n"
               f"`python benchmarks/latency_target.py` ({environment()}; repeats {args.repeats}, rounds "

@@ -17,9 +17,11 @@ variants with every group cut, say how that extrapolates (small channel counts r
 per MAC). Savings of two adjacent groups therefore compound through their ops' products as
 MACs do, while a group whose ops run slowly per MAC (a depthwise convolution, an op bound
 by memory) is priced by what it measured. The solver (:mod:`depgraph.targets`) removes units
-against this predictor, then the pruned model is timed; while it misses the target by more
-than :data:`SLACK`, the predictor's goal is lowered by the ratio missed (twice at most) and
-a warning says where the last plan landed.
+against this predictor, then the pruned model is timed; while it lands more than
+:data:`SLACK` away from the target, the predictor's goal is corrected (by the ratio missed,
+then along the line through the last two tries; three times at most), the plan measured
+closest to the target without passing it by more than the slack is returned, and a warning
+says where it landed when none is within.
 """
 
 from __future__ import annotations
@@ -204,11 +206,23 @@ class LatencyModel:
         return sum(w * term_value(t, kept, memo) for w, t in zip(self.weights, self.costs.mac_terms) if w)
 
 
+def _next_goal(goals: list[float], measured: list[float], fraction: float) -> float:
+    """The predictor's next goal: by the ratio missed after one try, then along the line
+    through the last two (goal, measured) points, kept within (0, 1]."""
+    if len(goals) > 1 and measured[-1] != measured[-2]:
+        slope = (goals[-1] - goals[-2]) / (measured[-1] - measured[-2])
+        goal = goals[-1] + slope * (fraction - measured[-1])
+    else:
+        goal = goals[-1] * fraction / measured[-1]
+    return min(1.0, max(goal, 1e-3))
+
+
 def within_latency(analysis: Analysis, fraction: float, table: LatencyTable | None,
                    solve_at: Callable[[tuple[str, float], Any], Plan]) -> Plan:
     """The plan for ``{"latency": fraction}``: solved against a :class:`LatencyModel`, timed
-    (with the table's timer), and solved again for a lower goal (twice at most) while it
-    misses by more than :data:`SLACK`."""
+    (with the table's timer), and solved again for a corrected goal (three times at most)
+    while it lands more than :data:`SLACK` away, either side; the plan returned is the one
+    measured closest to the target without passing it by more than the slack."""
     table = table if table is not None else latency_table(analysis)
     model = LatencyModel(analysis, table)
     args, kwargs = example_inputs(analysis, analysis.model)
@@ -222,19 +236,22 @@ def within_latency(analysis: Analysis, fraction: float, table: LatencyTable | No
         pruned = prune(analysis.model, plan, check=False)
         return table.clock(pruned, args, kwargs) / table.clock(analysis.model, args, kwargs)
 
-    plan = solved(fraction)
-    measured, goal = landed(plan), fraction
-    for _ in range(2):
-        if measured <= fraction * (1 + SLACK):
+    tries = [(fraction, solved(fraction))]
+    measured = [landed(tries[0][1])]
+    for _ in range(3):
+        if abs(measured[-1] - fraction) <= SLACK * fraction:
             break
-        goal *= fraction / measured
+        goal = _next_goal([g for g, _ in tries], measured, fraction)
         try:
-            plan = solved(goal)
-        except InputError:  # the bounds allow no lower goal: keep the last plan
+            tries.append((goal, solved(goal)))
+        except InputError:  # the bounds allow no lower goal: keep what was found
             break
-        measured = landed(plan)
-    if measured > fraction * (1 + SLACK):
-        warnings.warn(f"target latency={fraction} landed at {measured:.3f} of the model's measured latency on this "
-                      "device: the predicted per-group times did not carry over (noisy timings, or ops whose time "
-                      "does not follow their MACs)", stacklevel=3)
+        measured.append(landed(tries[-1][1]))
+    within = [i for i, m in enumerate(measured) if m <= fraction * (1 + SLACK)]
+    best = max(within, key=lambda i: measured[i]) if within else min(range(len(measured)), key=measured.__getitem__)
+    plan = tries[best][1]
+    if measured[best] > fraction * (1 + SLACK):
+        warnings.warn(f"target latency={fraction} landed at {measured[best]:.3f} of the model's measured latency on "
+                      "this device: the predicted per-group times did not carry over (noisy timings, or ops whose "
+                      "time does not follow their MACs)", stacklevel=3)
     return plan
