@@ -122,7 +122,7 @@ class Pinned:
     size: int
     reason: str
     members: tuple[tuple[str, int], ...]
-    atom: Atom = field(repr=False, default=Atom(0, 1))
+    atom: Atom = field(repr=False, default=Atom(0, 1), compare=False)
 
 
 @dataclass(frozen=True)
