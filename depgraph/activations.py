@@ -218,6 +218,7 @@ def compensated_biases(model: nn.Module, plan: Any, analysis: Any, stats: Activa
     expectation for linear layers; a padded convolution's border positions see fewer terms.
     Transposed convolutions are left out."""
     params = checked_params(model, stats)
+    entries = plan.removed_entries(analysis)
     biases = {}
     for name, s in stats.items():
         layer = name.rpartition(".")[0]
@@ -225,7 +226,8 @@ def compensated_biases(model: nn.Module, plan: Any, analysis: Any, stats: Activa
         if module is None or isinstance(module, nn.modules.conv._ConvTransposeNd):
             continue
         w = params[name].detach()
-        removed_in, removed_out = _removed_axes(analysis, plan, name, w.shape)
+        removed_in = entries.get((name, 1), torch.zeros(w.shape[1], dtype=torch.bool))
+        removed_out = entries.get((name, 0), torch.zeros(w.shape[0], dtype=torch.bool))
         if not removed_in.any():
             continue
         taken = removed_in.nonzero().flatten().to(w.device)
@@ -259,17 +261,6 @@ def _submodule(model: nn.Module, name: str) -> nn.Module | None:
         return model.get_submodule(name)
     except AttributeError:
         return None
-
-
-def _removed_axes(analysis: Any, plan: Any, name: str, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masks of the input channels (axis 1) and outputs (axis 0) of weight ``name`` the plan removes."""
-    removed = [torch.zeros(shape[0], dtype=torch.bool), torch.zeros(shape[1], dtype=torch.bool)]
-    for index in plan.keep:
-        units = plan.removed(index)
-        for m in analysis.groups[index].members:
-            if m.name == name and m.dim < 2 and len(units):
-                removed[m.dim][m.indices(units)] = True
-    return removed[1], removed[0]
 
 
 def _weight(module: nn.Module) -> torch.Tensor:

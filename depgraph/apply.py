@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import fx, nn
@@ -137,6 +137,14 @@ def unsimulate(model: fx.GraphModule) -> fx.GraphModule:
     return model
 
 
+def example_inputs(model: nn.Module, inputs: tuple[Any, ...], keywords: Mapping[str, Any]
+                   ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Positional and keyword inputs rebuilt from an analysis' or a plan's record for ``model``
+    (:func:`_example` of each, on the device of the model's first tensor)."""
+    device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
+    return tuple(_example(x, device) for x in inputs), {k: _example(v, device) for k, v in keywords.items()}
+
+
 def _example(x: Any, device: torch.device) -> Any:
     """An example input from a plan's record: zeros of a tensor's meta, on the model's device
     (a meta tensor for a model on ``meta``). Tensors the forward creates from the inputs'
@@ -156,10 +164,8 @@ def _prepare(model: nn.Module, plan: Plan, inplace: bool) -> tuple[nn.Module, An
         raise TypeError(
             f"plan must be a depgraph.Plan, got {type(plan).__name__}: make one with depgraph.solve or Plan.from_keep"
         )
-    device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
-    inputs: Any = tuple(_example(x, device) for x in plan.inputs)
-    if plan.keywords:  # analyze takes keyword inputs as a dict
-        inputs = {name: _example(x, device) for name, x in plan.keywords.items()}
+    args, keywords = example_inputs(model, plan.inputs, plan.keywords)
+    inputs: Any = keywords or args  # analyze takes keyword inputs as a dict
     target = model if inplace else copy.deepcopy(model)
     try:
         # the frontend the plan was made with; analyze changes nothing, so a failed check leaves model intact

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from passes.dims import coordinates, removed_mask
+from passes.dims import coordinates
 from passes.errors import PlanError
 
 from .groups import Analysis, Group, Member
@@ -36,7 +36,7 @@ def compose(original: Analysis, first: Plan, pruned: Analysis, second: Plan) -> 
     ``second`` (made for ``pruned``, the analysis of ``prune(model, first)``)."""
     first.check(original)
     second.check(pruned)
-    kept_entries = _kept_entries(original, first)
+    kept_entries = {axis: (~mask).nonzero().flatten() for axis, mask in first.removed_entries(original).items()}
     keep: dict[int, torch.Tensor] = {}
     for group in pruned.groups:
         if group.index not in second.keep:
@@ -46,18 +46,6 @@ def compose(original: Analysis, first: Plan, pruned: Analysis, second: Plan) -> 
     for index, units in first.keep.items():
         keep.setdefault(index, units)
     return Plan.from_keep(original, keep)
-
-
-def _kept_entries(analysis: Analysis, plan: Plan) -> dict[tuple[str, int], torch.Tensor]:
-    """Per member axis, the original indices the plan keeps, in order."""
-    removed: dict[tuple[str, int], torch.Tensor] = {}
-    for group in analysis.groups:
-        units = plan.removed(group.index)
-        for m in group.members:
-            mask = removed.setdefault((m.name, m.dim), torch.zeros(m.expr.size, dtype=torch.bool))
-            if len(units):
-                mask |= removed_mask(m.expr, m.atom, units)
-    return {key: (~mask).nonzero().flatten() for key, mask in removed.items()}
 
 
 def _source(original: Analysis, group: Group, kept_entries: dict[tuple[str, int], torch.Tensor]

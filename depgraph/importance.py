@@ -59,7 +59,8 @@ AGGREGATES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "sum": lambda x: x.sum(0),
     "max": lambda x: x.amax(0),
 }
-_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
+NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
+"""The normalization layers whose ``weight`` is a scale (``"bn_scale"``)."""
 
 
 class Weights(NamedTuple):
@@ -142,7 +143,7 @@ def _norm_members(group: Group, weights: Weights) -> list[tuple[Member, torch.Te
         (m, weights.params[m.name])
         for m in group.members
         if m.name.rpartition(".")[2] == "weight" and m.name in weights.params
-        and isinstance(weights.modules.get(m.name.rpartition(".")[0]), _NORMS)
+        and isinstance(weights.modules.get(m.name.rpartition(".")[0]), NORMS)
     ]
     if not found:
         raise InputError(

@@ -40,8 +40,8 @@ from tqdm.auto import tqdm
 
 from passes.dims import atoms_of
 from passes.errors import InputError
-from passes.meta import TensorMeta
 
+from .apply import example_inputs as recorded_inputs
 from .apply import prune
 from .costs import CostModel, term_value
 from .groups import Analysis
@@ -137,16 +137,10 @@ def _kept(group: Any, fraction: float) -> int:
 
 
 def example_inputs(analysis: Analysis, model: nn.Module) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Zeros of the analysis' example input shapes on the model's device (plain values as recorded)."""
-    device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
-    if device.type == "meta":
+    """The analysis' example inputs rebuilt for ``model`` (zeros of their shapes on its device)."""
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         raise InputError("the model is on the meta device: a latency target needs a model that runs")
-
-    def zeros(x: Any) -> Any:
-        return torch.zeros(x.shape, dtype=x.dtype, device=device) if isinstance(x, TensorMeta) else x
-
-    keywords = analysis.keywords if analysis.tracer == "export" else {}
-    return tuple(zeros(x) for x in analysis.inputs), {k: zeros(v) for k, v in keywords.items()}
+    return recorded_inputs(model, analysis.inputs, analysis.keywords if analysis.tracer == "export" else {})
 
 
 def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:

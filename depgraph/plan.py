@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 import torch
 
-from passes.dims import coordinates
+from passes.dims import coordinates, removed_mask
 from passes.errors import PlanError
 from passes.meta import TensorMeta
 
@@ -125,6 +125,25 @@ class Plan:
         mask = torch.ones(self.sizes[index], dtype=torch.bool)
         mask[self.keep[index]] = False
         return mask.nonzero().flatten()
+
+    def removed_entries(self, analysis: Analysis) -> dict[tuple[str, int], torch.Tensor]:
+        """Per member axis ``(name, dim)`` of ``analysis``, a mask of the entries this plan removes
+        (every group that touches the axis counted).
+
+        >>> import torch, depgraph
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
+        >>> a = depgraph.analyze(net, torch.zeros(1, 2))
+        >>> Plan.from_keep(a, {0: [0, 2]}).removed_entries(a)[("2.weight", 1)].tolist()
+        [False, True, False]
+        """
+        removed: dict[tuple[str, int], torch.Tensor] = {}
+        for group in analysis.groups:
+            units = self.removed(group.index)
+            for m in group.members:
+                mask = removed.setdefault((m.name, m.dim), torch.zeros(m.expr.size, dtype=torch.bool))
+                if len(units):
+                    mask |= removed_mask(m.expr, m.atom, units)
+        return removed
 
     def summary(self) -> str:
         """One line per group the plan prunes: kept / total units."""

@@ -35,11 +35,11 @@ from passes.errors import InputError
 
 from .costs import CostModel
 from .groups import Analysis, Member
+from .importance import NORMS
 
 __all__ = ["GroupRegularizer", "PENALTIES"]
 
 PENALTIES = ("group_lasso", "bn_scale")
-_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
 
 
 class GroupRegularizer:
@@ -94,7 +94,7 @@ def _wanted(member: Member, modules: dict[str, nn.Module], kind: str) -> bool:
     module = modules.get(owner)
     if module is None or not isinstance(module._parameters.get(leaf), nn.Parameter) and not _parametrized(module, leaf):
         return False
-    return kind == "group_lasso" or (leaf == "weight" and isinstance(module, _NORMS))
+    return kind == "group_lasso" or (leaf == "weight" and isinstance(module, NORMS))
 
 
 def _parametrized(module: nn.Module, leaf: str) -> bool:

@@ -70,7 +70,8 @@ class _Block:
     removed: int
     limit: int
     chunk: int
-    removed_min: int = 0
+    least: int = 0
+    """The fewest units the block may lose (where ``removed`` starts)."""
 
     def next_chunk(self) -> int:
         """Units the next step removes (the first step of a rounded block reaches a multiple)."""
@@ -106,7 +107,7 @@ def target_counts(analysis: Analysis, blocks: list[Block], scores: list[torch.Te
     for block, s, (lo, hi) in zip(blocks, scores, bounds):
         scale = s.abs().mean()
         normalized = s / scale if scale > 0 else torch.zeros_like(s)
-        states.append(_Block(block, torch.sort(normalized, stable=True).indices, normalized, lo, hi, round_to))
+        states.append(_Block(block, torch.sort(normalized, stable=True).indices, normalized, lo, hi, round_to, lo))
     counts = _counts(analysis, states, start)
     floor = _cost(model, analysis, [_Block(b.block, b.order, b.normalized, b.limit, b.limit, 1) for b in states],
                   metric, start)
@@ -152,7 +153,7 @@ def target_counts(analysis: Analysis, blocks: list[Block], scores: list[torch.Te
         current = getattr(model.of(counts), metric)
     if current > goal:
         raise InputError(f"could not bring the {metric} from {original:,} to {goal:,}: no unit left saves any")
-    current = _refill(model, analysis, states, counts, metric, goal, current, [lo for lo, _ in bounds])
+    current = _refill(model, analysis, states, counts, metric, goal, current)
     if (goal - current) > TOLERANCE * goal:
         warnings.warn(f"target {metric}={fraction} landed at {current / original:.4f} of the original: the "
                       "groups' granularity (their sizes, round_to) left no closer plan the solver could find",
@@ -169,11 +170,9 @@ def _uniform(model: Any, analysis: Analysis, states: list[_Block], metric: str, 
         for state in states:
             size = state.block.size
             kept = min(size, -(-(size - math.floor(r * size + 1e-9)) // state.chunk) * state.chunk)
-            state.removed = min(state.limit, max(state.removed_min, size - kept))
+            state.removed = min(state.limit, max(state.least, size - kept))
         return _cost(model, analysis, states, metric, start)
 
-    for state in states:
-        state.removed_min = state.removed
     low, high = 0.0, 1.0
     for _ in range(40):
         middle = (low + high) / 2
@@ -182,14 +181,14 @@ def _uniform(model: Any, analysis: Analysis, states: list[_Block], metric: str, 
 
 
 def _refill(model: Any, analysis: Analysis, states: list[_Block], counts: dict[int, int], metric: str,
-            goal: int, current: int, least: list[int]) -> int:
+            goal: int, current: int) -> int:
     """Give units back while the cost stays within the target (the last chunk removed may
     overshoot it): each time the last-removed chunk that fills most of the room left."""
     while True:
         best = None
         for i, state in enumerate(states):
             k = state.removed % state.chunk or state.chunk
-            if state.removed - k < least[i]:
+            if state.removed - k < state.least:
                 continue
             added = -_saving(model, analysis, counts, state.block, -k, metric)
             if added <= goal - current and (best is None or added > best[0]):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from zoo import ZOO, Branchy
+from zoo import ZOO, Branchy, tiny_llama
 
 import depgraph
 
@@ -117,11 +117,7 @@ def test_a_batch_norm_cnn_is_left_as_it_was_and_scores_are_deterministic() -> No
 
 
 def test_llama_through_export_with_keyword_batches_and_compensation() -> None:
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = tiny_llama()
     ids = [torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(i)) for i in range(3)]
     a = depgraph.analyze(model, {"input_ids": ids[0], "use_cache": False})
     stats = depgraph.activation_stats(model, [{"input_ids": x} for x in ids])

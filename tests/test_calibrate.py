@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from zoo import Branchy
+from zoo import Branchy, tiny_llama
 
 import depgraph
 
@@ -93,11 +93,7 @@ def test_gradient_importance_leaves_the_model_as_it_was() -> None:
 
 
 def test_taylor_ranks_a_llama_analyzed_through_export() -> None:
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = tiny_llama()
     ids = [torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(i)) for i in range(2)]
     a = depgraph.analyze(model, {"input_ids": ids[0], "use_cache": False})
     scores = depgraph.gradient_importance(model, [{"input_ids": x, "labels": x} for x in ids],

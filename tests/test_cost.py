@@ -16,7 +16,7 @@ import torch
 import torchvision.models as tvm
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
-from zoo import ZOO
+from zoo import ZOO, tiny_llama
 
 import depgraph
 from depgraph import Cost, CostModel, fuzz
@@ -127,11 +127,7 @@ def test_lstm_by_hand() -> None:
 
 
 def test_grouped_query_llama_through_export() -> None:
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
+    model = tiny_llama(layers=2)
     assert_exact(model, (), {"input_ids": torch.randint(0, 64, (2, 7)), "use_cache": False})
 
 

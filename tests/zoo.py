@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Branchy", "Case", "ZOO", "channel_sort"]
+__all__ = ["Branchy", "Case", "ZOO", "channel_sort", "tiny_llama"]
 
 SEED = 0
 
@@ -434,3 +434,20 @@ class Branchy(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = self.a(x)
         return self.b(y if y.sum() > 0 else -y)
+
+
+def tiny_llama(layers: int = 1, **config: object) -> nn.Module:
+    """A grouped-query ``LlamaForCausalLM`` (64 tokens, hidden 32, MLP 48, 4 query heads on 2
+    key/value heads) with seeded random weights, in eval mode; ``config`` overrides fields.
+    Skips the calling test where transformers is absent."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    settings = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": layers,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 32, **config}
+    rng = torch.get_rng_state()
+    torch.manual_seed(SEED)
+    try:
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**settings)).eval()
+    finally:
+        torch.set_rng_state(rng)
