@@ -107,7 +107,7 @@ def _hugging_face(path: Path) -> tuple[nn.Module, Any]:
     return model.eval(), {"input_ids": torch.zeros(1, 16, dtype=torch.long), "use_cache": False}
 
 
-def _inputs(model: nn.Module, default: Any, shape: tuple[int, ...] | None) -> Any:
+def _inputs(default: Any, shape: tuple[int, ...] | None) -> Any:
     if shape is None:
         return default
     if isinstance(default, dict) and "input_ids" in default:
@@ -178,7 +178,7 @@ def _analyze(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model, default = load_model(args.model)
     built = time.perf_counter() - start
-    a = analyze(model, _inputs(model, default, args.input_shape))
+    a = analyze(model, _inputs(default, args.input_shape))
     if args.lookup:
         name, _, rest = args.lookup.partition(":")
         dim, _, index = rest.partition(":")
@@ -201,7 +201,7 @@ def _analyze(args: argparse.Namespace) -> int:
 
 def _prune(args: argparse.Namespace) -> int:
     model, default = load_model(args.model)
-    a = analyze(model, _inputs(model, default, args.input_shape))
+    a = analyze(model, _inputs(default, args.input_shape))
     options = {"importance": args.importance, "round_to": args.round_to, "seed": args.seed}
     if args.target is not None:
         plan = solve(a, target=args.target, **options)

@@ -179,14 +179,14 @@ class LatencyModel:
         for term in self.costs.mac_terms:
             rates = [max(per_mac[a], least) for a in {a for f in term.factors for a in atoms_of(f)} if a in per_mac]
             self.weights.append(1e9 * sum(rates) / len(rates) if rates else 0.0)
-        points = [(self._weighted(self.costs._kept(full)), 1e9 * table.baseline)]
-        points += [(self._weighted(self.costs._kept(self.costs.counts(c))), 1e9 * t) for c, t in table.uniform]
+        points = [(self._weighted(full), 1e9 * table.baseline)]
+        points += [(self._weighted(c), 1e9 * t) for c, t in table.uniform]
         scale, self.constant = _fit(points)
         self.weights = [scale * w for w in self.weights]
 
     def of(self, counts: Plan | dict[int, int] | None = None) -> Estimate:
         """The predicted latency (ns) of ``prune(model, plan)``."""
-        return Estimate(round(self.constant + self._weighted(self.costs._kept(self.costs.counts(counts)))))
+        return Estimate(round(self.constant + self._weighted(counts)))
 
     def saving(self, counts: dict[int, int], fewer: dict[int, int], metric: str = "latency") -> int:
         """Predicted nanoseconds saved by keeping ``fewer[g]`` fewer units of each group ``g``."""
@@ -195,7 +195,9 @@ class LatencyModel:
             after[index] = counts[index] - k
         return self.of(counts).latency - self.of(after).latency
 
-    def _weighted(self, kept: dict[Any, int]) -> float:
+    def _weighted(self, counts: Plan | dict[int, int] | None) -> float:
+        """Σ weight · MACs over the multiplying ops at ``counts`` (kept units per group)."""
+        kept = self.costs._kept(self.costs.counts(counts))
         memo: dict[Any, int] = {}
         return sum(w * term_value(t, kept, memo) for w, t in zip(self.weights, self.costs.mac_terms) if w)
 
