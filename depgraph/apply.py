@@ -11,6 +11,7 @@ from torch import fx, nn
 
 from passes.adopt import adopt
 from passes.errors import DepgraphError, PlanError
+from passes.express import calls, choose, express
 from passes.meta import TensorMeta
 from passes.shrink import Sizes, shrink
 from passes.simulate import remove_simulation, simulate_graph
@@ -32,9 +33,12 @@ def prune(
 
     Every member is sliced; module attributes (``in_channels``, ``groups``,
     ``num_features``, ...) are updated; shape literals in the graph are rewritten.
-    Returns the model's own class when its forward still runs unchanged, and a
-    ``torch.fx.GraphModule`` (traced in the model's current train/eval mode) when
-    graph literals had to change. For plans made with the ``"export"`` or ``"record"``
+    Returns the model's own class when its forward runs the pruned sizes: where a
+    rewritten literal comes from a module attribute the forward reads (``self.hidden_dim``,
+    a norm's ``normalized_shape``, a split size), the attribute is set. It returns a
+    ``torch.fx.GraphModule`` (traced in the model's current train/eval mode), with a
+    warning naming the literal, where no attribute holds one (or, with ``check=False``,
+    wherever a literal changed: keeping the class needs the check). For plans made with the ``"export"`` or ``"record"``
     tracer, attributes such as ``head_dim`` or ``num_key_value_heads`` and a Hugging Face
     ``config`` are updated too, and the model's own class is returned when its forward
     gives the rewritten graph's outputs on the example inputs (the graph otherwise; a
@@ -62,6 +66,7 @@ def prune(
     target, analysis, removed = _prepare(model, plan, inplace)
     biases = compensated_biases(target, plan, analysis, compensate) if compensate is not None else {}
     drop_cached_tensors(target)  # computed from the old weights
+    before = calls(analysis.graph)
     changed = shrink(analysis.graph, analysis.params, analysis.nodes, removed, root=target, literals=analysis.literals,
                      others=analysis.others)
     inputs = (plan.inputs, plan.keywords)
@@ -69,14 +74,44 @@ def prune(
         # the graph calls no modules: set their attributes from its ops, keep the class if it runs alike
         result = adopt(target, analysis.graph, analysis.params, analysis.nodes, Sizes(removed), inputs,
                        analysis.tracer == "record")
+        if result is analysis.graph:
+            warnings.warn(
+                f"prune returns a torch.fx.GraphModule, not a {type(target).__name__}: with the pruned sizes set on "
+                "its modules' and config's attributes, its own forward does not compute what the pruned graph "
+                f"computes on the example inputs (the {analysis.tracer} graph calls no modules, so the literal "
+                "that differs cannot be named)",
+                stacklevel=2,
+            )
     else:
-        result = analysis.graph if changed else target
+        result = _expressed(target, analysis, before, inputs, check) if changed else target
     result = _verified(result, analysis, model, inputs) if check else result
     skipped = set_biases(result, biases, analysis.tracer)
     if skipped:
         warnings.warn(f"bias compensation left out {', '.join(skipped)}: the pruned graph reads no bias for them",
                       stacklevel=2)
     return result
+
+
+def _expressed(target: nn.Module, analysis: Analysis, before: dict, inputs: Any, check: bool) -> nn.Module:
+    """``target`` where module attributes can say what the rewritten literals say (set there);
+    else the graph, with a warning naming the literal that forced it. Where several attributes
+    of a module held one literal, each is tried alone (one forward of the model and the graph
+    per try) until the class computes what the graph computes. Without ``check``, the graph."""
+    if not check:
+        return analysis.graph  # attributes are matched by value: only the check can say the class runs alike
+    unexpressed, choices = express(target, analysis.graph, before)
+    if not unexpressed:
+        if choices:
+            choose(choices, lambda: class_mismatch(target, analysis.graph, inputs) is None)
+        return target
+    more = f" (and {len(unexpressed) - 1} more)" if len(unexpressed) > 1 else ""
+    warnings.warn(
+        f"prune returns a torch.fx.GraphModule, not a {type(target).__name__}: pruning changes {unexpressed[0]}{more}, "
+        "which no attribute of the module expresses, so the class's own forward cannot compute the pruned model. "
+        "The graph does (at the example's input shape where the change depends on it)",
+        stacklevel=3,
+    )
+    return analysis.graph
 
 
 def _verified(result: nn.Module, analysis: Analysis, model: nn.Module, inputs: Any) -> nn.Module:

@@ -204,6 +204,11 @@ class Unifier:
                 self.unify(a, b)
                 i, j = i + 1, j + 1
                 continue
+            if by_product and (isinstance(a, Concat) or isinstance(b, Concat)):
+                # the factors so far agree one by one, so the rest are the same flat axis: a
+                # leading concat distributes over the factors after it (as at batch size 1)
+                self.unify(_product(tuple(left[i:])), _product(tuple(right[j:])))
+                return
             big, small, side = (a, b, left) if a.size > b.size else (b, a, right)
             pieces = self._split(big, small.size, by_product)
             if pieces is not None:

@@ -365,10 +365,22 @@ def _split(node: fx.Node, nodes: dict[str, Any], sizes: Sizes) -> bool:
     old = [v.shape[dim] for v in value]
     if new == old:
         return False
+    kind = node.target if isinstance(node.target, str) else node.target.__name__
+    count = node.args[1] if len(node.args) > 1 else next(iter(node.kwargs.values()), None)
+    if isinstance(count, int) and kind in ("chunk", "tensor_split") and _pieces(kind, sum(new), count) == new:
+        return False  # chunk(3) of the kept channels still gives the kept pieces
+    if isinstance(count, int) and kind == "split" and _pieces(kind, sum(new), new[0]) == new and len(node.args) > 1:
+        node.args = (node.args[0], new[0], *node.args[2:])  # split(64) -> split(45): the call stays one size
+        return True
     node.target = "split" if node.op == "call_method" else torch.split
     node.args = (node.args[0], new, dim)
     node.kwargs = {}
     return True
+
+
+def _pieces(kind: str, total: int, count: int) -> list[int]:
+    """Sizes of the pieces ``chunk``/``tensor_split``/``split`` make of ``total`` with an int ``count``."""
+    return [len(piece) for piece in getattr(torch.arange(total), kind)(count)]
 
 
 def _getitem(node: fx.Node, nodes: dict[str, Any], sizes: Sizes) -> bool:

@@ -94,6 +94,22 @@ def test_channel_shuffle_after_a_concat() -> None:
     agree(model, IMG)
 
 
+def shuffled(s: Any, x: torch.Tensor) -> torch.Tensor:
+    """ShuffleNet's channel shuffle, written with views of the batch size read from the input."""
+    out = torch.cat([s.a(x), s.b(x)], 1)
+    n, c, h, w = out.shape
+    return s.o(out.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, -1, h, w))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_view_shuffle_of_a_concat_groups_alike_at_every_batch_size(batch: int) -> None:
+    # the batch axis leads both views: the concat after it distributes as it does at batch 1
+    model = Lambda(shuffled, a=nn.Conv2d(3, 4, 1), b=nn.Conv2d(3, 4, 1), o=nn.Conv2d(8, 2, 1))
+    a, _ = agree(model, IMG[:batch])
+    assert len(a.groups) == 1 and not [p for p in a.pinned if "regroups" in p.reason]
+    assert members(a, 0) == [("a.weight", 0, [0]), ("b.weight", 0, [0]), ("o.weight", 1, [0, 1])]
+
+
 # -- a grouped conv added to an unequal concat ---------------------------------------------
 
 

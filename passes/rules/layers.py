@@ -288,3 +288,15 @@ RULES: dict[object, object] = {
     nn.Embedding: embedding, F.embedding: f_embedding,
     nn.PReLU: prelu_module, F.prelu: prelu,
 }
+
+
+def _optional_modules() -> dict[object, object]:
+    """Module classes of optional libraries that a rule above describes."""
+    try:
+        from torchvision.ops import FrozenBatchNorm2d
+    except ImportError:
+        return {}
+    return {FrozenBatchNorm2d: batch_norm}  # weight, bias, running_mean, running_var: one entry per channel
+
+
+RULES.update(_optional_modules())
