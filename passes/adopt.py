@@ -8,7 +8,8 @@ graph's op that uses each module's parameters (``in_channels``, ``groups``,
 ``num_features``, ...); updates attention attributes (``head_dim``, ``num_heads``,
 ``num_key_value_heads``, ``all_head_size``, ``split_size``) from the views that split a
 projection into heads, an ``intermediate_size`` from the module's own parameters, and a
-Hugging Face ``config`` where every layer agrees. Then runs the model's own forward and the
+Hugging Face ``config`` where every layer agrees (per layer where they differ and the model's class
+reads ``per_layer_config``: :mod:`passes.hf_config`). Then runs the model's own forward and the
 graph on the example inputs: the model is kept only when the two give the same outputs
 (it then runs at any input shape, while the graph is specialized to the example's).
 """
@@ -26,6 +27,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .dims import Expr
+from .hf_config import describe_layers, layer_sizes, per_layer_note
 from .meta import TensorMeta
 from .shrink import MODULE_UPDATES, Sizes, replace_module
 
@@ -78,7 +80,8 @@ def adopt(
             f"the pruned {type(model).__name__} runs, but its config cannot describe its sizes, so rebuilding it "
             f"from the config fails ({len(differ)} parameters differ; {differ[0]}): the config has one size per "
             "model (heads and head_dim derived from the hidden size where it has no head_dim, the same sizes in "
-            "every layer). Save the pruned model whole (torch.save) or save the plan and prune a fresh model",
+            f"every layer; {per_layer_note(model)}). Save the pruned model whole (torch.save) or save the plan and "
+            "prune a fresh model",
             stacklevel=3,
         )
     return root
@@ -106,8 +109,10 @@ def update_attributes(
     for (_, kind), pairs in heads.items():
         everywhere.setdefault(kind, []).extend(pairs)
     every = [(e.size, sizes.size(e)) for axes in params.values() for e in axes]
+    layers = layer_sizes(root, heads)  # before the configs change: each layer's sizes before are the config's
     for config in _configs(root):
         _update_config(config, everywhere, hidden, every)
+    describe_layers(root, layers)
 
 
 def _hidden_pairs(root: nn.Module, params: dict[str, tuple[Expr, ...]], sizes: Sizes) -> list[tuple[int, int]]:
