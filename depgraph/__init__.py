@@ -19,11 +19,12 @@ from .groups import ActivationMember, Analysis, Coupled, Group, Member, Pinned
 from .latency import LatencyTable, latency_table, measure_latency
 from .plan import Plan, Reconciliation
 from .regularize import GroupRegularizer
+from .report import report
 from .solver import solve
 
 __all__ = [
     "analyze", "infer_inputs", "solve", "prune", "simulate", "unsimulate", "compose", "GroupRegularizer",
-    "cost", "Cost", "CostModel",
+    "cost", "Cost", "CostModel", "report",
     "recalibrate_batch_norm", "gradient_importance", "activation_stats", "activation_importance",
     "ActivationStats", "ChannelStats", "latency_table", "measure_latency", "LatencyTable", "Plan", "Reconciliation",
     "Analysis", "Group", "Member", "ActivationMember", "Pinned", "Coupled", "errors",

@@ -1,5 +1,5 @@
-"""Command line: ``depgraph analyze torchvision:resnet50``, ``depgraph prune ... --out DIR``
-(also ``python -m depgraph``).
+"""Command line: ``depgraph analyze torchvision:resnet50``, ``depgraph prune ... --out DIR``,
+``depgraph report ... [--plan plan.json] --out report.html`` (also ``python -m depgraph``).
 
 Model specs:
 
@@ -32,6 +32,7 @@ from .costs import cost
 from .errors import DepgraphError
 from .groups import Analysis
 from .plan import Plan
+from .report import report
 from .solver import solve
 
 __all__ = ["main", "load_model", "UsageError"]
@@ -153,6 +154,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--round-to", type=int, default=1, metavar="N", help="keep a multiple of N units per group")
     p.add_argument("--seed", type=int, default=0, help="seed for --importance random")
     p.add_argument("--out", required=True, metavar="DIR", help="where the plan, weights and summary go")
+    r = sub.add_parser("report", help="write an HTML report of the groups (and of a plan): one file, no network")
+    _common(r)
+    r.add_argument("--plan", metavar="FILE", help="a plan.json made for this model (as depgraph prune writes it)")
+    r.add_argument("--out", required=True, metavar="FILE", help="the HTML file to write")
     return parser
 
 
@@ -220,6 +225,21 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    plan_path = Path(args.plan) if args.plan else None
+    if plan_path is not None and not plan_path.is_file():
+        raise UsageError(f"no such plan file: {plan_path}")
+    plan = Plan.load(plan_path) if plan_path is not None else None
+    model, default = load_model(args.model)
+    a = analyze(model, _inputs(default, args.input_shape))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report(a, out, plan, title=args.model)
+    print(f"wrote {out}: {len(a.groups)} groups, {len(a.pinned)} pinned atoms, {len(a.unsupported)} unsupported ops"
+          + (f", plan {plan_path}" if plan_path else ""))
+    return 0
+
+
 def _config(path: Path) -> Any:
     if not path.is_file():
         raise UsageError(f"no such config file: {path}")
@@ -281,7 +301,7 @@ def _as_dot(a: Analysis) -> str:
     return "\n".join(lines + ["}"]) + "\n"
 
 
-_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"analyze": _analyze, "prune": _prune}
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"analyze": _analyze, "prune": _prune, "report": _report}
 
 if __name__ == "__main__":
     sys.exit(main())

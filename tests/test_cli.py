@@ -75,11 +75,62 @@ def test_hugging_face_directory_round_trips_through_from_pretrained(
     assert code == 0 and "groups" in out
 
 
+def test_hugging_face_layers_pruned_apart_round_trip_through_per_layer_config(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers.PretrainedConfig, "per_layer_config"):
+        pytest.skip(f"transformers {transformers.__version__} has no per_layer_config (added in 5.14.0)")
+    from test_hf_per_layer import _build
+
+    _build("Llama", layerwise=True).save_pretrained(tmp_path / "src")  # a class building each layer from it
+    mlp = tmp_path / "mlp.json"  # layer 0 keeps 24 of 48 MLP units, layer 1 keeps 36
+    mlp.write_text(json.dumps([{"op_names_re": [r"layers\.0\.mlp\.gate_proj"], "sparse_ratio": 0.5},
+                               {"op_names_re": [r"layers\.1\.mlp\.gate_proj"], "sparse_ratio": 0.25}]))
+    code, out, _ = _run(capsys, "prune", f"hf:{tmp_path / 'src'}", "--config", str(mlp), "--out", str(tmp_path / "out"))
+    assert code == 0 and "from_pretrained" in out
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["per_layer_config"] == {"0": {"intermediate_size": 24}, "1": {"intermediate_size": 36}}
+    reloaded = transformers.AutoModel.from_pretrained(tmp_path / "out").eval()  # the CLI pruned the AutoModel
+    original = transformers.AutoModel.from_pretrained(tmp_path / "src").eval()
+    expected = depgraph.prune(original, depgraph.Plan.load(tmp_path / "out" / "plan.json"))
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).last_hidden_state, expected(ids).last_hidden_state)
+
+
 def test_an_exported_program(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
     torch.export.save(torch.export.export(model, (torch.zeros(3, 4),)), tmp_path / "m.pt2")
     code, out, _ = _run(capsys, "analyze", str(tmp_path / "m.pt2"))
     assert code == 0 and "1 groups" in out
+
+
+def test_report_writes_one_html_file_showing_a_plan(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    import torchvision
+
+    a = depgraph.analyze(torchvision.models.resnet18(weights=None), torch.zeros(1, 3, 32, 32))
+    depgraph.Plan.from_keep(a, {1: range(40)}).save(tmp_path / "plan.json")
+    out = tmp_path / "new" / "report.html"
+    code, printed, _ = _run(capsys, "report", "torchvision:resnet18", "--input-shape", "1,3,32,32", "--plan",
+                            str(tmp_path / "plan.json"), "--out", str(out))
+    assert code == 0 and printed.startswith(f"wrote {out}: 12 groups, ")
+    html = out.read_text()
+    assert "depgraph report: torchvision:resnet18" in html and '"index":1,"size":64,"kept":40' in html
+    assert _run(capsys, "report", "torchvision:resnet18", "--out", str(tmp_path / "plain.html"))[0] == 0
+
+
+def test_report_refuses_a_plan_made_for_another_model_or_not_a_plan(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    a = depgraph.analyze(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), torch.zeros(1, 4))
+    depgraph.Plan.from_keep(a, {0: [0, 1]}).save(tmp_path / "plan.json")
+    code, out, err = _run(capsys, "report", "torchvision:resnet18", "--plan", str(tmp_path / "plan.json"), "--out",
+                          str(tmp_path / "r.html"))
+    assert code == 1 and err.startswith("depgraph: PlanError: this plan was made for a different analysis")
+    assert err.count("\n") == 1 and not out and not (tmp_path / "r.html").exists()
+    (tmp_path / "bad.json").write_text("{not json")
+    code, _, err = _run(capsys, "report", "torchvision:resnet18", "--plan", str(tmp_path / "bad.json"), "--out",
+                        str(tmp_path / "r.html"))
+    assert code == 1 and "is not a depgraph plan" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -91,6 +142,8 @@ def test_an_exported_program(capsys: pytest.CaptureFixture[str], tmp_path: Path)
     (["analyze", "hf:/no/such/dir"], "no such Hugging Face directory or config file"),
     (["prune", "torchvision:resnet18", "--config", "missing.json", "--out", "x"], "no such config file"),
     (["analyze", "torchvision:resnet18", "--lookup", "fc.weight:x"], "--lookup takes NAME[:DIM[:INDEX]]"),
+    (["report", "torchvision:resnet18", "--plan", "missing.json", "--out", "r.html"], "no such plan file"),
+    (["report", "missing.pt2", "--out", "r.html"], "no such file: missing.pt2"),
 ])
 def test_bad_usage_exits_2_with_one_line(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
     code, out, err = _run(capsys, *argv)
