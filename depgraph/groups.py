@@ -166,14 +166,14 @@ class Analysis:
     others: list[Any] = field(repr=False, default_factory=list)
     """Graphs of the model in the other train/eval mode (:class:`depgraph.couple.ModeGraph`)."""
     lowered: dict[str, Any] = field(repr=False, default_factory=dict)
-    """Per node related through its ATen decomposition: (mini-graph, axes of its nodes)."""
+    """(mini-graph, axes of its nodes) of each node related through its ATen decomposition."""
     notes: list[str] = field(default_factory=list)
     """What the analysis changed or assumed to trace the model (``use_cache=False``), for people to read."""
 
     @property
     def fingerprint(self) -> str:
-        """A digest of the group structure (sizes, member names and axes): plans made for
-        one analysis can be checked against another."""
+        """A digest of the group structure (sizes, member names and axes), so that plans made
+        for one analysis can be checked against another."""
         text = repr([(g.size, [(m.name, m.dim) for m in g.members]) for g in self.groups])
         return hashlib.sha1(text.encode()).hexdigest()[:16]
 

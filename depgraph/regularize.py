@@ -13,7 +13,7 @@ lam * penalty(model)``. Kinds:
 ``by_cost=True`` weights each group by what one of its units costs (MACs, from
 :class:`~depgraph.costs.CostModel`, divided by the mean over groups), so expensive units are
 pushed harder. The penalty reads the parameters through the modules (``module.weight``), so
-it works on the original model and on a ``simulate``d one (whose parametrizations mask
+it works on the original model and on what ``simulate`` returns (whose parametrizations mask
 removed units: those contribute exactly zero, with zero gradient).
 
 >>> import torch, depgraph

@@ -74,7 +74,7 @@ def solve(
     target
         Instead of ``sparsity``: ``{"macs": f}`` or ``{"params": f}``, the fraction of the
         model's MACs or parameters (:func:`depgraph.cost`) the pruned model keeps. Units
-        go in order of importance per cost saved, across all groups, until the cost is
+        go in the order ``strategy`` gives, across all groups, until the cost is
         at most the target (see :mod:`depgraph.targets`); ``round_to`` and
         ``min/max_sparse_ratio`` bound each group. A target below what the bounds allow
         is an error that says how low the cost can go. ``{"latency": f}`` keeps that fraction
