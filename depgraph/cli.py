@@ -26,6 +26,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from passes.adopt import undescribed
+
 from .analyze import analyze
 from .apply import prune
 from .costs import cost
@@ -250,14 +252,17 @@ def _config(path: Path) -> Any:
 
 
 def _save_weights(pruned: nn.Module, out: Path) -> str:
+    """A Hugging Face directory where the pruned model's config rebuilds it, else model.safetensors."""
     save_pretrained = getattr(pruned, "save_pretrained", None)
-    if callable(save_pretrained) and hasattr(pruned, "config"):
+    described = not any(undescribed(pruned))
+    if callable(save_pretrained) and hasattr(pruned, "config") and described:
         save_pretrained(str(out))  # config.json + model.safetensors: from_pretrained(out) rebuilds it
         return f"{out} (Hugging Face: from_pretrained({str(out)!r}))"
     from safetensors.torch import save_model
 
     save_model(pruned, str(out / "model.safetensors"))
-    return (f"{out / 'model.safetensors'} (load: depgraph.prune(model, depgraph.Plan.load('plan.json')), then "
+    why = "" if described else " (its config cannot describe the pruned sizes, so from_pretrained could not rebuild it)"
+    return (f"{out / 'model.safetensors'}{why} (load: depgraph.prune(model, depgraph.Plan.load('plan.json')), then "
             "safetensors.torch.load_model)")
 
 

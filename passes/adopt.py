@@ -31,7 +31,7 @@ from .hf_config import describe_layers, layer_sizes, per_layer_note
 from .meta import TensorMeta
 from .shrink import MODULE_UPDATES, Sizes, replace_module
 
-__all__ = ["adopt", "update_attributes"]
+__all__ = ["adopt", "undescribed", "update_attributes"]
 
 HEAD_ATTRIBUTES = {
     **dict.fromkeys(("num_heads", "num_attention_heads", "n_head", "n_heads", "num_key_value_heads",
@@ -75,7 +75,7 @@ def adopt(
     update_attributes(root, gm, params, nodes, sizes)
     if not _same_outputs(root, gm, inputs, recorded):
         return gm
-    for name, model, differ in _undescribed(root):
+    for name, model, differ in undescribed(root):
         warnings.warn(
             f"the pruned {type(model).__name__} runs, but its config cannot describe its sizes, so rebuilding it "
             f"from the config fails ({len(differ)} parameters differ; {differ[0]}): the config has one size per "
@@ -229,7 +229,7 @@ def _configs(root: nn.Module) -> Iterator[Any]:
             yield config
 
 
-def _undescribed(root: nn.Module) -> Iterator[tuple[str, nn.Module, list[str]]]:
+def undescribed(root: nn.Module) -> Iterator[tuple[str, nn.Module, list[str]]]:
     """(name, model, differences) for each outermost Hugging Face-style model (a module with a
     ``config`` and ``_from_config``) whose config builds parameters of other shapes (built on meta)."""
     outer: list[str] = []

@@ -75,6 +75,23 @@ def test_hugging_face_directory_round_trips_through_from_pretrained(
     assert code == 0 and "groups" in out
 
 
+def test_hugging_face_layers_a_config_cannot_describe_are_saved_as_safetensors_saying_why(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                      architectures=["LlamaForCausalLM"])
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "src")
+    mlp = tmp_path / "mlp.json"  # layer 0 keeps 24 of 48 MLP units, layer 1 keeps 36: Llama builds one width
+    mlp.write_text(json.dumps([{"op_names_re": [r".*layers\.0\.mlp\.gate_proj"], "sparse_ratio": 0.5},
+                               {"op_names_re": [r".*layers\.1\.mlp\.gate_proj"], "sparse_ratio": 0.25}]))
+    with pytest.warns(UserWarning, match="its config cannot describe its sizes"):
+        code, out, _ = _run(capsys, "prune", f"hf:{tmp_path / 'src'}", "--config", str(mlp),
+                            "--out", str(tmp_path / "out"))
+    assert code == 0 and "config cannot describe the pruned sizes" in out and "from_pretrained(" not in out
+    assert (tmp_path / "out" / "model.safetensors").exists() and not (tmp_path / "out" / "config.json").exists()
+
+
 def test_hugging_face_layers_pruned_apart_round_trip_through_per_layer_config(
         capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
