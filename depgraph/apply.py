@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from typing import Any, Mapping
 
 import torch
 from torch import fx, nn
+from torch.utils._pytree import tree_map
 
 from passes.adopt import adopt
 from passes.errors import DepgraphError, PlanError
@@ -69,7 +71,7 @@ def prune(
     before = calls(analysis.graph)
     changed = shrink(analysis.graph, analysis.params, analysis.nodes, removed, root=target, literals=analysis.literals,
                      others=analysis.others)
-    inputs = (plan.inputs, plan.keywords)
+    inputs = _in_dtype_of(target, (plan.inputs, plan.keywords))
     if analysis.tracer in ("export", "record"):
         # the graph calls no modules: set their attributes from its ops, keep the class if it runs alike
         result = adopt(target, analysis.graph, analysis.params, analysis.nodes, Sizes(removed), inputs,
@@ -180,6 +182,16 @@ def example_inputs(model: nn.Module, inputs: tuple[Any, ...], keywords: Mapping[
     return tuple(_example(x, device) for x in inputs), {k: _example(v, device) for k, v in keywords.items()}
 
 
+def _in_dtype_of(model: nn.Module, inputs: Any) -> Any:
+    """``inputs`` whose floating :class:`TensorMeta` take the dtype of ``model``'s first floating
+    tensor: a plan made on a float32 model applies to its float64 or bfloat16 copy."""
+    dtype = next((t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), None)
+    if dtype is None:
+        return inputs
+    return tree_map(lambda x: dataclasses.replace(x, dtype=dtype)
+                    if isinstance(x, TensorMeta) and x.dtype.is_floating_point else x, inputs)
+
+
 def _example(x: Any, device: torch.device) -> Any:
     """An example input from a plan's record: zeros of a tensor's meta, on the model's device
     (a meta tensor for a model on ``meta``). Tensors the forward creates from the inputs'
@@ -199,7 +211,7 @@ def _prepare(model: nn.Module, plan: Plan, inplace: bool) -> tuple[nn.Module, An
         raise TypeError(
             f"plan must be a depgraph.Plan, got {type(plan).__name__}: make one with depgraph.solve or Plan.from_keep"
         )
-    args, keywords = example_inputs(model, plan.inputs, plan.keywords)
+    args, keywords = example_inputs(model, *_in_dtype_of(model, (plan.inputs, plan.keywords)))
     inputs: Any = keywords or args  # analyze takes keyword inputs as a dict
     target = model if inplace else copy.deepcopy(model)
     try:

@@ -317,3 +317,14 @@ def test_prune_inplace_shrinks_the_model() -> None:
     assert model.bn.running_mean.shape == (2,) and model.bn.num_features == 2
     assert model.conv2.weight.shape == (6, 2, 3, 3) and model.conv2.in_channels == 2
     assert model(*inputs).shape == (2, 6, 8, 8)
+
+
+@pytest.mark.parametrize("build", [_mlp, Heads])
+def test_a_plan_made_in_float32_prunes_a_float64_copy(build: Callable[[], nn.Module]) -> None:
+    # the checks run the model on the plan's recorded inputs: in the model's dtype, not the plan's
+    model, x = _seeded(build), _x(3, 4)
+    plan = Plan.from_keep(depgraph.analyze(model, x), {0: [0, 2]})
+    wide = _seeded(build).double()
+    pruned, simulated = depgraph.prune(wide, plan), depgraph.simulate(wide, plan)
+    assert next(pruned.parameters()).dtype == torch.float64
+    torch.testing.assert_close(pruned(x.double()), simulated(x.double()))
