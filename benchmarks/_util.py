@@ -25,18 +25,27 @@ from torch import nn
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def get_model(name: str) -> nn.Module:
+    """torchvision model ``name`` (``weights=None``), or timm's for ``timm:NAME`` (``pretrained=False``)."""
+    if name.startswith("timm:"):
+        import timm
+
+        return timm.create_model(name.removeprefix("timm:"), pretrained=False)
+    return torchvision.models.get_model(name, weights=None)
+
+
 def build(name: str) -> tuple[nn.Module, str]:
-    """Build torchvision model ``name`` with ``weights=None``, in eval mode, on ``meta``.
+    """Build model ``name`` (:func:`get_model`), in eval mode, on ``meta``.
 
     Returns the model and where it was built: ``"meta"``, or ``"cpu"`` when building
     on meta failed and the model was built on the CPU and then moved to meta.
     """
     try:
         with torch.device("meta"):
-            model = torchvision.models.get_model(name, weights=None)
+            model = get_model(name)
         where = "meta"
     except Exception:  # noqa: BLE001 -- any init that reads values cannot run on meta
-        model = torchvision.models.get_model(name, weights=None).to("meta")
+        model = get_model(name).to("meta")
         where = "cpu"
     return model.eval(), where
 
@@ -44,8 +53,11 @@ def build(name: str) -> tuple[nn.Module, str]:
 def image_input(model: nn.Module, name: str, size: int | None = None) -> torch.Tensor:
     """A ``(1, 3, size, size)`` meta input; by default the size the model expects.
 
-    ViTs carry their ``image_size``; inception_v3 needs 299; everything else gets 224.
+    timm models carry their input size, torchvision's ViTs their ``image_size``; inception_v3 needs
+    299; everything else gets 224.
     """
+    if size is None and hasattr(model, "pretrained_cfg"):  # timm
+        size = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
     if size is None:
         size = getattr(model, "image_size", 299 if name == "inception_v3" else 224)
     return torch.zeros(1, 3, size, size, device="meta")

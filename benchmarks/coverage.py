@@ -7,7 +7,8 @@ Run::
     python benchmarks/coverage.py --family tasks        # runs tasks_coverage.py: torchvision detection,
                                                         # segmentation, video, optical flow
     python benchmarks/coverage.py --family hf           # runs hf_coverage.py: Hugging Face + Llama/Qwen sweep
-    python benchmarks/coverage.py --family all          # the three, one after the other (over an hour)
+    python benchmarks/coverage.py --family timm         # TIMM_MODELS, writes results/timm_coverage.md
+    python benchmarks/coverage.py --family all          # all four, one after the other (over an hour)
     python benchmarks/coverage.py --no-equivalence      # analysis columns only (quick)
     python benchmarks/coverage.py --no-tp               # without the Torch-Pruning columns
     python benchmarks/coverage.py --models resnet18,vit_b_16   # a subset, printed only
@@ -27,8 +28,8 @@ norm gets the running statistics of its input on a random batch of 8 (random-ini
 norms do not normalize: activations then fade until some outputs are the classifier bias
 alone, whatever the input). It is analyzed at a small input where the model allows
 (64x64; 75x75 for inception_v3; 224x224 for vit/swin/maxvit, which need it), a random
-plan keeps a random ``ceil(n / 2)`` of the ``n`` units of every group (seeded), and
-``depgraph.prune`` and ``depgraph.simulate`` are applied. On a batch of two random images
+plan keeps a random ``ceil(n / 2)`` of the ``n`` units of every group (seeded; more where
+a group must keep more), and ``depgraph.prune`` and ``depgraph.simulate`` are applied. On a batch of two random images
 (the analysis saw one), the model is *equivalent* when ``max |y_pruned - y_simulated| <=
 1e-4 * max |y_simulated|``, and *inconclusive* when it is, but the two images move the
 simulated output by no more than that tolerance (then an error in the part of the output
@@ -38,6 +39,12 @@ is checked again in float64 (model and input converted, same plan) with a tolera
 ``1e-9``, and the cell gives both verdicts. The table gives that error relative to the output
 scale, the scale itself, the pruned model's parameter count over the original's, and the
 seconds the whole check took (build, calibrate, analyze, plan, prune, simulate, forwards).
+*Keeps its class* is ``isinstance(pruned, type(model))``: "no" where ``prune`` returned a
+``torch.fx.GraphModule`` (named after the class, but not an instance of it), with the
+literal that forced it (from ``prune``'s warning) in the error column.
+
+``--family timm`` runs the same columns over ``TIMM_MODELS`` (timm, ``pretrained=False``; the
+input size is the model's ``pretrained_cfg``, for analysis and equivalence alike).
 
 Torch-Pruning columns (skipped with ``--no-tp``), side by side with depgraph's, on the same
 real CPU model and small input as the equivalence check (a fresh copy): whether
@@ -82,6 +89,7 @@ from _util import (
     count_params,
     environment,
     first_line,
+    get_model,
     image_input,
     in_fork,
     markdown_table,
@@ -94,7 +102,8 @@ import depgraph
 
 HEADER = ["model", "built on", "fx traces", "analyzed", "groups", "unsupported ops (count: which)",
           "analyze s (one cold run)", "equiv. input", "pruned", "equivalent (err / scale)", "output scale",
-          "params kept", "equiv. s", "error", "TP graph built", "TP groups", "TP pruned (0.5) + forward",
+          "params kept", "keeps its class (isinstance)", "equiv. s", "error",
+          "TP graph built", "TP groups", "TP pruned (0.5) + forward",
           "TP params kept", "TP s", "TP error"]
 RTOL = 1e-4
 """Allowed max |prune - simulate| relative to max |simulate| (float32)."""
@@ -107,6 +116,15 @@ TIMEOUT_S = 1200
 TP_TIMEOUT_S = 300
 """Seconds Torch-Pruning may take on one model, after depgraph's columns are done."""
 TP_RATIO = 0.5
+TIMM_MODELS = (
+    "resnet50", "resnext50_32x4d", "regnety_008", "densenet121", "efficientnet_b0", "mobilenetv3_large_100",
+    "ghostnet_100", "repvgg_a0", "cspdarknet53", "convnext_atto", "convnextv2_atto", "vit_tiny_patch16_224",
+    "deit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "swinv2_cr_tiny_224", "poolformer_s12",
+    "poolformerv2_s12", "caformer_s18", "levit_128s", "efficientformer_l1", "fastvit_t8", "mobilevit_xs",
+    "edgenext_xx_small", "pvt_v2_b0", "coat_lite_tiny", "mixer_b16_224", "resmlp_12_224", "nfnet_l0",
+    "maxvit_tiny_tf_224", "eva02_tiny_patch14_224",
+)
+"""The timm sweep (``--family timm``): families with different ops and forwards, small variants."""
 FAMILIES = {"tasks": "tasks_coverage.py", "hf": "hf_coverage.py"}
 """The sweeps of the other families, by ``--family`` name: scripts beside this one, each
 writing its own table to ``results/``."""
@@ -131,6 +149,7 @@ class Row:
     equivalent: str = "-"
     scale: str = "-"
     kept: str = "-"
+    kept_class: str = "-"
     check_seconds: str = "-"
     error: str = ""
     tp: TPCells | None = None
@@ -140,7 +159,7 @@ class Row:
         tp_cells = self.tp or TPCells()
         return [self.model, self.built, self.traced, "yes" if self.analyzed else "no", self.groups,
                 self.unsupported, self.seconds, self.size, self.pruned, self.equivalent, self.scale,
-                self.kept, self.check_seconds, self.error, *tp_cells.cells()]
+                self.kept, self.kept_class, self.check_seconds, self.error, *tp_cells.cells()]
 
 
 @dataclass
@@ -193,6 +212,8 @@ def unsupported_summary(ops: list[str]) -> str:
 
 def small_size(name: str) -> int:
     """The smallest convenient input side: 224 for ViT/Swin/MaxViT, 75 for inception_v3, else 64."""
+    if name.startswith("timm:"):
+        return image_input(build(name)[0], name).shape[-1]
     if name.startswith(FULL_SIZE):
         return 224
     return 75 if name == "inception_v3" else 64
@@ -201,7 +222,7 @@ def small_size(name: str) -> int:
 def real_model(name: str) -> nn.Module:
     """``name`` on the CPU with seeded random weights, eval mode, and a classifier that is not all zeros."""
     torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None).eval()
+    model = get_model(name).eval()
     last = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
     if not last.weight.any():
         with torch.no_grad():
@@ -210,9 +231,10 @@ def real_model(name: str) -> nn.Module:
 
 
 def random_plan(analysis: depgraph.Analysis, seed: int = 0) -> depgraph.Plan:
-    """A plan keeping a random ``ceil(n / 2)`` of the ``n`` units of every group."""
+    """A plan keeping a random ``ceil(n / 2)`` of the ``n`` units of every group (its ``min_keep`` if more)."""
     gen = torch.Generator().manual_seed(seed)
-    keep = {g.index: torch.randperm(g.size, generator=gen)[: math.ceil(g.size / 2)] for g in analysis.groups}
+    keep = {g.index: torch.randperm(g.size, generator=gen)[: max(math.ceil(g.size / 2), g.min_keep)]
+            for g in analysis.groups}
     return depgraph.Plan.from_keep(analysis, keep)
 
 
@@ -248,11 +270,14 @@ def verdict(ys: torch.Tensor, yp: torch.Tensor, rtol: float = RTOL) -> str:
     return f"{'yes' if err <= rtol else 'NO'} ({err:.1e})"
 
 
-def outputs(model: nn.Module, plan: depgraph.Plan, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
-    """The simulated and the pruned model's outputs on ``x``, and the pruned model."""
-    with torch.no_grad():
+def outputs(model: nn.Module, plan: depgraph.Plan, x: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor, nn.Module, list[str]]:
+    """The simulated and the pruned model's outputs on ``x``, the pruned model, and the
+    messages of the warnings ``prune`` gave."""
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         pruned, simulated = depgraph.prune(model, plan), depgraph.simulate(model, plan)
-        return simulated(x), pruned(x), pruned
+        return simulated(x), pruned(x), pruned, [str(w.message) for w in caught if "prune" in str(w.message)]
 
 
 def check_equivalence(name: str, row: Row) -> None:
@@ -265,13 +290,16 @@ def check_equivalence(name: str, row: Row) -> None:
         x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(1))
         calibrate(model, torch.randn(8, 3, side, side, generator=torch.Generator().manual_seed(2)))
         plan = random_plan(depgraph.analyze(model, x[:1]))
-        ys, yp, pruned = outputs(model, plan, x)
+        ys, yp, pruned, said = outputs(model, plan, x)
         row.pruned = "yes"
+        row.kept_class = "yes" if isinstance(pruned, type(model)) else "no"
+        if said and not isinstance(pruned, type(model)):
+            row.error = "graph: " + said[0][:237] + ("…" if len(said[0]) > 237 else "")
         row.equivalent = verdict(ys, yp)
         if not row.equivalent.startswith("yes"):
             # deep random nets with half their units gone amplify float32 rounding, or end
             # nearly constant: float64 separates rounding from a wrong prune
-            ys64, yp64, _ = outputs(model.double(), plan, x.double())
+            ys64, yp64, _, _ = outputs(model.double(), plan, x.double())
             row.equivalent = f"{verdict(ys64, yp64, RTOL64)} in float64; float32: {row.equivalent}"
     except Exception as exc:  # noqa: BLE001 -- reported in the table, not raised
         row.pruned = "no" if row.pruned == "-" else row.pruned
@@ -336,17 +364,21 @@ def read_rows(path: Path) -> tuple[str, list[Row]]:
     lines = path.read_text().splitlines()
     env = next(line for line in lines if line.startswith("Run "))
     rows = []
-    for line in lines[lines.index("| " + " | ".join(HEADER) + " |") + 2:]:
+    start = next(i for i, line in enumerate(lines) if line.startswith("| model |"))
+    for line in lines[start + 2:]:
         if not line.startswith("| "):
             break
         cells = line[2:-2].split(" | ")
-        row = Row(*cells[:3], cells[3] == "yes", *cells[4:14])  # type: ignore[arg-type]
-        row.tp = TPCells(*cells[14:])
+        if len(cells) == len(HEADER) - 1:  # written before the class column: not known
+            cells.insert(HEADER.index("keeps its class (isinstance)"), "-")
+        row = Row(*cells[:3], cells[3] == "yes", *cells[4:15])  # type: ignore[arg-type]
+        row.tp = TPCells(*cells[15:])
         rows.append(row)
     return env, rows
 
 
-def report(rows: list[Row], equivalence: bool, with_tp: bool, env: str | None = None) -> str:
+def report(rows: list[Row], equivalence: bool, with_tp: bool, env: str | None = None,
+           title: str = "torchvision classification models") -> str:
     """The markdown page: environment (``env``, or this run's), table, summary lines."""
     n = len(rows)
     done = sum(r.analyzed for r in rows)
@@ -357,10 +389,12 @@ def report(rows: list[Row], equivalence: bool, with_tp: bool, env: str | None = 
         same = sum(r.equivalent.startswith("yes") for r in rows)
         unsure = sum(r.equivalent.startswith("inconclusive") for r in rows)
         wide = sum(" in float64" in r.equivalent and r.equivalent.startswith("yes") for r in rows)
+        kept = sum(r.kept_class == "yes" for r in rows)
         lines += [(f"{pruned}/{n} pruned and simulated, {same}/{n} equivalent "
                   f"(max |prune - simulate| <= {RTOL:g} x max |simulate|; {wide} of them checked in float64 "
                   f"with {RTOL64:g}), {unsure}/{n} inconclusive "
-                  f"(within the tolerance, but the two images move the output by <= {RTOL:g} of its scale).")]
+                  f"(within the tolerance, but the two images move the output by <= {RTOL:g} of its scale). "
+                  f"{kept}/{n} pruned models keep their class (isinstance; the others are torch.fx graphs).")]
     if with_tp:
         tps = [r.tp or TPCells() for r in rows]
         built = sum(c.built == "yes" for c in tps)
@@ -368,7 +402,7 @@ def report(rows: list[Row], equivalence: bool, with_tp: bool, env: str | None = 
                   f"{sum(c.pruned == 'yes' for c in tps)}/{n} pruned by MagnitudePruner at {TP_RATIO:g} "
                   f"and ran forward.")]
     return "\n\n".join([
-        "# depgraph and Torch-Pruning coverage: torchvision classification models",
+        f"# depgraph and Torch-Pruning coverage: {title}",
         env or environment(),
         markdown_table(HEADER, [r.cells() for r in rows]),
         *lines,
@@ -391,29 +425,36 @@ def main() -> None:
                         "for a full run, none for a subset)")
     parser.add_argument("--update", action="store_true", help="re-run the --models and replace their rows in "
                         "results/coverage.md (the page then says which rows were re-run, and when)")
-    parser.add_argument("--family", choices=("classification", *FAMILIES, "all"), default="classification",
+    parser.add_argument("--family", choices=("classification", "timm", *FAMILIES, "all"), default="classification",
                         help="which sweep to run (the others are their own scripts; options apply to this one)")
     args = parser.parse_args()
     others = list(FAMILIES) if args.family == "all" else [f for f in FAMILIES if f == args.family]
     for family in others:
         subprocess.run([sys.executable, str(Path(__file__).with_name(FAMILIES[family]))], check=False)
-    if args.family not in ("classification", "all"):
+    if args.family not in ("classification", "timm", "all"):
         return
-    everything = torchvision.models.list_models(module=torchvision.models)
+    timm_family = args.family == "timm"
+    everything = ([f"timm:{n}" for n in TIMM_MODELS] if timm_family
+                  else torchvision.models.list_models(module=torchvision.models))
     names = args.models.split(",") if args.models else everything
+    page, title = (("timm_coverage.md", "timm models") if timm_family
+                   else ("coverage.md", "torchvision classification models"))
     rows = []
     for name in names:
         rows.append(isolated(name, not args.no_equivalence, not args.no_tp))
         print(" | ".join(str(c) for c in rows[-1].cells()), flush=True)
-    text = report(rows, not args.no_equivalence, not args.no_tp)
+    text = report(rows, not args.no_equivalence, not args.no_tp, title=title)
     if args.update:
-        env, old = read_rows(RESULTS / "coverage.md")
+        env, old = read_rows(RESULTS / page)
         fresh = {r.model: r for r in rows}
-        text = report([fresh.get(r.model, r) for r in old], True, True, env) + (
-            f"\n\nRows re-run after the run above: {', '.join(fresh)}. " + environment())
-        args.out = RESULTS / "coverage.md"
+        for r in rows:  # re-run without Torch-Pruning: its cells of the earlier run stay
+            r.tp = r.tp or next((o.tp for o in old if o.model == r.model), None)
+        text = report([fresh.get(r.model, r) for r in old], True, True, env, title) + (
+            f"\n\nRows re-run after the run above{' (Torch-Pruning cells not re-run)' if args.no_tp else ''}: "
+            f"{', '.join(fresh)}. " + environment())
+        args.out = RESULTS / page
     print(text)
-    out = args.out or (None if args.models else RESULTS / "coverage.md")
+    out = args.out or (None if args.models else RESULTS / page)
     if out:
         write(out, text)
 

@@ -369,8 +369,9 @@ def _split(node: fx.Node, nodes: dict[str, Any], sizes: Sizes) -> bool:
     count = node.args[1] if len(node.args) > 1 else next(iter(node.kwargs.values()), None)
     if isinstance(count, int) and kind in ("chunk", "tensor_split") and _pieces(kind, sum(new), count) == new:
         return False  # chunk(3) of the kept channels still gives the kept pieces
-    if isinstance(count, int) and kind == "split" and _pieces(kind, sum(new), new[0]) == new and len(node.args) > 1:
-        node.args = (node.args[0], new[0], *node.args[2:])  # split(64) -> split(45): the call stays one size
+    if kind == "split" and len(node.args) > 1:  # the sizes change, the call stays as written (dim=...)
+        one = isinstance(count, int) and _pieces(kind, sum(new), new[0]) == new  # split(64) -> split(45)
+        node.args = (node.args[0], new[0] if one else new, *node.args[2:])
         return True
     node.target = "split" if node.op == "call_method" else torch.split
     node.args = (node.args[0], new, dim)

@@ -76,16 +76,19 @@ class Shared(nn.Module):
 
 
 class Pieces(nn.Module):
-    """One projection cut in three: with ``chunk(3)`` and with ``split(self.piece)``."""
+    """One projection cut in three: ``chunk(3)``, ``split(self.piece)`` or ``split([self.piece] * 3)``."""
 
-    def __init__(self, split: bool) -> None:
+    def __init__(self, how: str) -> None:
         super().__init__()
-        self.split, self.piece = split, 4
+        self.how, self.piece = how, 4
         self.qkv, self.out = nn.Linear(4, 12), nn.Linear(4, 2)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.qkv(x)
-        q, k, v = h.split(self.piece, dim=-1) if self.split else h.chunk(3, dim=-1)
+        if self.how == "chunk":
+            q, k, v = h.chunk(3, dim=-1)
+        else:
+            q, k, v = h.split(self.piece if self.how == "split" else [self.piece] * 3, dim=-1)
         return self.out(q * k + v)
 
 
@@ -114,11 +117,11 @@ def test_an_attribute_that_also_sizes_an_unpruned_axis_gives_the_graph() -> None
     assert_agree(pruned, simulated, torch.randn(3, 8))
 
 
-@pytest.mark.parametrize("split", [False, True])
-def test_equal_pieces_keep_the_call_chunk_or_split(split: bool) -> None:
-    model, x = Pieces(split), torch.randn(2, 4)
+@pytest.mark.parametrize("how", ["chunk", "split", "sizes"])
+def test_equal_pieces_keep_the_call_chunk_or_split(how: str) -> None:
+    model, x = Pieces(how), torch.randn(2, 4)
     pruned, simulated = pruned_and_simulated(model, x)
-    assert type(pruned) is Pieces and pruned.qkv.out_features == 6 and pruned.piece == (2 if split else 4)
+    assert type(pruned) is Pieces and pruned.qkv.out_features == 6 and pruned.piece == (4 if how == "chunk" else 2)
     assert_agree(pruned, simulated, torch.randn(5, 4))
 
 
