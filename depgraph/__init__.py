@@ -15,7 +15,7 @@ from .calibrate import gradient_importance, recalibrate_batch_norm
 from .compose import compose
 from .costs import Cost, CostModel, cost
 from .errors import DepgraphError, InputError, PlanError, ShapeError, TraceError
-from .groups import ActivationMember, Analysis, Coupled, Group, Member, Pinned
+from .groups import ActivationMember, Analysis, Block, Coupled, Group, Member, Pinned
 from .latency import LatencyTable, latency_table, measure_latency
 from .plan import Plan, Reconciliation
 from .regularize import GroupRegularizer
@@ -27,7 +27,7 @@ __all__ = [
     "cost", "Cost", "CostModel", "report",
     "recalibrate_batch_norm", "gradient_importance", "activation_stats", "activation_importance",
     "ActivationStats", "ChannelStats", "latency_table", "measure_latency", "LatencyTable", "Plan", "Reconciliation",
-    "Analysis", "Group", "Member", "ActivationMember", "Pinned", "Coupled", "errors",
+    "Analysis", "Group", "Member", "ActivationMember", "Pinned", "Coupled", "Block", "errors",
     "DepgraphError", "TraceError", "ShapeError", "InputError", "PlanError",
 ]
 __version__ = "0.1.0"

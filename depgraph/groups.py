@@ -15,16 +15,18 @@ from __future__ import annotations
 import difflib
 import hashlib
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Iterable
 
 import networkx as nx
 import torch
 
+from passes.blocks import Block, find_blocks
 from passes.dims import Atom, Expr, atoms_of, coordinates, removed_mask
 from passes.errors import InputError
 from passes.rules import Unsupported
 
-__all__ = ["Member", "ActivationMember", "Group", "Pinned", "Coupled", "Analysis"]
+__all__ = ["Member", "ActivationMember", "Group", "Pinned", "Coupled", "Analysis", "Block"]
 
 
 def _units(units: Iterable[int] | torch.Tensor, size: int) -> torch.Tensor:
@@ -176,6 +178,22 @@ class Analysis:
         for one analysis can be checked against another."""
         text = repr([(g.size, [(m.name, m.dim) for m in g.members]) for g in self.groups])
         return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+    @cached_property
+    def blocks(self) -> list[Block]:
+        """The removable residual branches of the graph (:class:`Block`), in graph order: each
+        ``f`` of a ``y = x + f(x)`` (with a layer scale or drop path inside ``f``, or several
+        branches added to one stream) that nothing else reads, that owns a parameter, and whose
+        removal (``f`` replaced by zero) changes no shape. Found on first use, then kept.
+
+        >>> import torch, torchvision, depgraph
+        >>> a = depgraph.analyze(torchvision.models.resnet18(), torch.zeros(1, 3, 32, 32))
+        >>> [b.name for b in a.blocks]  # the blocks with a downsample are not removable
+        ['layer1.0', 'layer1.1', 'layer2.1', 'layer3.1', 'layer4.1']
+        >>> str(a.blocks[0])
+        'layer1.0: conv1, bn1, conv2, bn2 (at add, stream max_pool2d)'
+        """
+        return [] if self.graph is None else find_blocks(self.graph)
 
     def lookup(self, name: str, dim: int = 0, index: int | None = None) -> list[Coupled]:
         """What goes with axis ``dim`` of parameter or buffer ``name`` (and with its entry
