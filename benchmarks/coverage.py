@@ -431,6 +431,8 @@ def main() -> None:
     others = list(FAMILIES) if args.family == "all" else [f for f in FAMILIES if f == args.family]
     for family in others:
         subprocess.run([sys.executable, str(Path(__file__).with_name(FAMILIES[family]))], check=False)
+    if args.family == "all":
+        subprocess.run([sys.executable, __file__, "--family", "timm"], check=False)
     if args.family not in ("classification", "timm", "all"):
         return
     timm_family = args.family == "timm"
