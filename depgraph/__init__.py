@@ -21,10 +21,11 @@ from .plan import Plan, Reconciliation
 from .regularize import GroupRegularizer
 from .report import report
 from .solver import solve
+from .stream import prune_checkpoint
 
 __all__ = [
-    "analyze", "infer_inputs", "solve", "prune", "simulate", "unsimulate", "compose", "GroupRegularizer",
-    "cost", "Cost", "CostModel", "report",
+    "analyze", "infer_inputs", "solve", "prune", "prune_checkpoint", "simulate", "unsimulate", "compose",
+    "GroupRegularizer", "cost", "Cost", "CostModel", "report",
     "recalibrate_batch_norm", "gradient_importance", "activation_stats", "activation_importance",
     "ActivationStats", "ChannelStats", "latency_table", "measure_latency", "LatencyTable", "Plan", "Reconciliation",
     "Analysis", "Group", "Member", "ActivationMember", "Pinned", "Coupled", "Block", "errors",

@@ -5,7 +5,10 @@ Model specs:
 
 - ``torchvision:NAME`` (``weights=None``: nothing is downloaded), ``timm:NAME`` (``pretrained=False``);
 - ``hf:PATH``: a local Hugging Face directory (its weights when it has them, random weights
-  from its ``config.json`` otherwise) or a ``config.json`` file; never a download;
+  from its ``config.json`` otherwise) or a ``config.json`` file; never a download. ``prune`` of a
+  directory holding safetensors weights with ``--importance random`` builds the model on ``meta``
+  and prunes the checkpoint shard by shard (:func:`depgraph.prune_checkpoint`; ``--no-stream``:
+  load it whole);
 - ``package.module:factory``: the factory called with no arguments;
 - ``FILE.pt2``: a program saved by ``torch.export.save`` (its own example inputs).
 
@@ -36,6 +39,7 @@ from .groups import Analysis
 from .plan import Plan
 from .report import report
 from .solver import solve
+from .stream import meta_model, prune_checkpoint, weights_on_disk
 
 __all__ = ["main", "load_model", "UsageError"]
 
@@ -156,6 +160,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--round-to", type=int, default=1, metavar="N", help="keep a multiple of N units per group")
     p.add_argument("--seed", type=int, default=0, help="seed for --importance random")
     p.add_argument("--out", required=True, metavar="DIR", help="where the plan, weights and summary go")
+    p.add_argument("--no-stream", action="store_true",
+                   help="load an hf:DIR checkpoint whole even where it could be pruned shard by shard")
     r = sub.add_parser("report", help="write an HTML report of the groups (and of a plan): one file, no network")
     _common(r)
     r.add_argument("--plan", metavar="FILE", help="a plan.json made for this model (as depgraph prune writes it)")
@@ -207,21 +213,58 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace) -> int:
+    folder = _streamed_folder(args)
+    if folder is not None:
+        return _prune_streamed(args, folder)
     model, default = load_model(args.model)
     a = analyze(model, _inputs(default, args.input_shape))
-    options = {"importance": args.importance, "round_to": args.round_to, "seed": args.seed}
-    if args.target is not None:
-        plan = solve(a, target=args.target, **options)
-    elif args.sparsity is not None:
-        plan = solve(a, args.sparsity, **options)
-    else:
-        plan = solve(a, config_list=_config(Path(args.config)), **options)
+    plan = _solve(a, args)
     pruned = prune(model, plan)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plan.save(out / "plan.json")
-    written = _save_weights(pruned, out)
-    text = _summary(a, plan, args.model, written)
+    return _write_summary(a, plan, args.model, _save_weights(pruned, out), out)
+
+
+def _solve(a: Analysis, args: argparse.Namespace) -> Plan:
+    options = {"importance": args.importance, "round_to": args.round_to, "seed": args.seed}
+    if args.target is not None:
+        return solve(a, target=args.target, **options)
+    if args.sparsity is not None:
+        return solve(a, args.sparsity, **options)
+    return solve(a, config_list=_config(Path(args.config)), **options)
+
+
+def _streamed_folder(args: argparse.Namespace) -> Path | None:
+    """The hf:DIR to prune shard by shard: one holding safetensors weights, with an importance
+    that reads no weights (``random``), unless ``--no-stream``. A note says when a weight-reading
+    importance makes the checkpoint load whole."""
+    kind, _, name = args.model.partition(":")
+    if kind != "hf" or args.no_stream or not weights_on_disk(name):
+        return None
+    if args.importance != "random":
+        print(f"depgraph: note: --importance {args.importance} reads every weight, so {name} is loaded whole; "
+              "--importance random prunes the checkpoint shard by shard", file=sys.stderr)
+        return None
+    return Path(name)
+
+
+def _prune_streamed(args: argparse.Namespace, folder: Path) -> int:
+    """The plan made on the model built on ``meta``, and the checkpoint pruned shard by shard."""
+    model = meta_model(folder)
+    default = {"input_ids": torch.zeros(1, 16, dtype=torch.long), "use_cache": False}
+    inputs = {k: v.to("meta") if isinstance(v, torch.Tensor) else v
+              for k, v in _inputs(default, args.input_shape).items()}
+    a = analyze(model, inputs)
+    plan = _solve(a, args)
+    out = prune_checkpoint(folder, plan, Path(args.out), analysis=a)
+    plan.save(out / "plan.json")
+    written = f"{out} (Hugging Face, pruned shard by shard: from_pretrained({str(out)!r}))"
+    return _write_summary(a, plan, args.model, written, out)
+
+
+def _write_summary(a: Analysis, plan: Plan, spec: str, written: str, out: Path) -> int:
+    text = _summary(a, plan, spec, written)
     (out / "summary.txt").write_text(text + "\n")
     print(text)
     return 0

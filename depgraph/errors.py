@@ -7,6 +7,6 @@ cannot use is an :class:`InputError` (a ``ValueError`` too).
 True
 """
 
-from passes.errors import DepgraphError, InputError, PlanError, ShapeError, TraceError
+from passes.errors import CheckpointError, DepgraphError, InputError, PlanError, ShapeError, TraceError
 
-__all__ = ["DepgraphError", "TraceError", "ShapeError", "InputError", "PlanError"]
+__all__ = ["DepgraphError", "TraceError", "ShapeError", "InputError", "PlanError", "CheckpointError"]

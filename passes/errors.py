@@ -5,7 +5,7 @@ as its own so tracebacks and pickles point at the public path, not this internal
 
 from __future__ import annotations
 
-__all__ = ["DepgraphError", "TraceError", "ShapeError", "InputError", "PlanError"]
+__all__ = ["DepgraphError", "TraceError", "ShapeError", "InputError", "PlanError", "CheckpointError"]
 
 
 class DepgraphError(Exception):
@@ -28,5 +28,9 @@ class PlanError(DepgraphError, ValueError):
     """A plan does not fit the analysis or model it is applied to."""
 
 
-for _error in (DepgraphError, TraceError, ShapeError, InputError, PlanError):
+class CheckpointError(DepgraphError):
+    """A checkpoint directory that cannot be read, or an output directory that cannot take the result."""
+
+
+for _error in (DepgraphError, TraceError, ShapeError, InputError, PlanError, CheckpointError):
     _error.__module__ = "depgraph.errors"

@@ -177,3 +177,48 @@ def test_refusals_exit_1_and_malformed_options_exit_2(capsys: pytest.CaptureFixt
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2
+
+
+def test_hugging_face_shards_are_pruned_shard_by_shard_with_random_importance(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                      architectures=["LlamaForCausalLM"])
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "src", max_shard_size="20KB")
+    mlp = tmp_path / "mlp.json"
+    mlp.write_text(json.dumps([{"op_names_re": [".*mlp\\.gate_proj"], "sparse_ratio": 0.25}]))
+    loaded: list[str] = []
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loaded.append(a[0]) or None))  # streaming loads no weights
+    code, out, _ = _run(capsys, "prune", f"hf:{tmp_path / 'src'}", "--config", str(mlp), "--importance", "random",
+                        "--out", str(tmp_path / "out"))
+    monkeypatch.undo()
+    assert code == 0 and "pruned shard by shard" in out and not loaded
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == sorted(
+        p.name for p in (tmp_path / "src").glob("*.safetensors"))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    original = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "src").eval()
+    expected = depgraph.prune(original, depgraph.Plan.load(tmp_path / "out" / "plan.json"))
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, expected(ids).logits)
+    assert reloaded.config.intermediate_size == 36
+
+
+def test_hugging_face_shards_load_whole_with_a_weight_importance_or_no_stream(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                      architectures=["LlamaForCausalLM"])
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "src", max_shard_size="20KB")
+    mlp = tmp_path / "mlp.json"
+    mlp.write_text(json.dumps([{"op_names_re": [".*mlp\\.gate_proj"], "sparse_ratio": 0.25}]))
+    code, out, err = _run(capsys, "prune", f"hf:{tmp_path / 'src'}", "--config", str(mlp), "--out", str(tmp_path / "a"))
+    assert code == 0 and "--importance l2 reads every weight" in err and "shard by shard" not in out
+    code, out, err = _run(capsys, "prune", f"hf:{tmp_path / 'src'}", "--config", str(mlp), "--importance", "random",
+                          "--no-stream", "--out", str(tmp_path / "b"))
+    assert code == 0 and "reads every weight" not in err and "shard by shard" not in out
+    assert (tmp_path / "b" / "model.safetensors").exists()

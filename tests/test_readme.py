@@ -107,7 +107,7 @@ def _glossary(path: pathlib.Path) -> list[str]:
 
 def test_the_readme_glossary_is_the_concepts_glossary() -> None:
     rows = _glossary(README)
-    assert [r.split("|")[1].strip() for r in rows[2:]] == ["atom", "unit", "group", "member", "pinned", "plan"]
+    assert [r.split("|")[1].strip() for r in rows[2:]] == ["atom", "unit", "group", "member", "pinned", "plan", "block"]
     assert rows == _glossary(DOCS / "concepts.md")
 
 

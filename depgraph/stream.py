@@ -1,0 +1,410 @@
+"""Streaming prune of a Hugging Face checkpoint directory: :func:`prune_checkpoint`.
+
+The analysis reads shapes, never weights, and a plan gives each parameter's kept indices per
+dimension; so a checkpoint larger than memory is pruned file by file, tensor by tensor:
+
+1. the model is built on the ``meta`` device from the directory's ``config.json``
+   (:func:`meta_model`) and analyzed with the plan's recorded inputs;
+2. the same model is pruned on ``meta`` with the plan, which updates its ``config``; a config
+   that cannot describe the pruned sizes is refused before anything is written;
+3. each shard of the source (``model.safetensors`` or the shards an index lists) is written under
+   its own name, one tensor at a time: read, ``index_select`` along each pruned dimension, appended
+   to the output file after a header computed from the source header alone;
+4. ``config.json``, a new index and the tokenizer and generation files follow.
+
+A shard is written to ``NAME.partial`` and renamed when complete, and records a digest of the plan
+in its metadata: a rerun skips the shards already written with the same plan, and refuses an
+output directory written with another one.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import struct
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from passes.adopt import undescribed
+from passes.errors import CheckpointError, PlanError
+
+from .analyze import analyze
+from .apply import example_inputs, prune
+from .groups import Analysis
+from .plan import Plan
+
+__all__ = ["prune_checkpoint", "meta_model", "weights_on_disk", "CheckpointError"]
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+EXTRAS = (".json", ".model", ".txt", ".tiktoken", ".jinja")
+"""Suffixes of the files copied unchanged (tokenizer, generation config), the config and index aside."""
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+            "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+"""Bytes per entry of each safetensors dtype."""
+PLAN_KEY = "depgraph_plan"
+"""The metadata key, in each written shard and in the index, holding the digest of the plan."""
+
+
+CheckpointError.__module__ = "depgraph.stream"
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One tensor of a shard: its checkpoint name, safetensors dtype, pruned shape, and the kept
+    indices along each pruned dimension."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    keep: tuple[tuple[int, torch.Tensor], ...]
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * ITEMSIZE[self.dtype]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A source file and the tensors its pruned copy holds, in the source's order."""
+
+    file: str
+    pieces: tuple[Piece, ...]
+    metadata: dict[str, str]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.pieces)
+
+
+def prune_checkpoint(src_dir: str | Path, plan: Plan, out_dir: str | Path, *, analysis: Analysis | None = None,
+                     progress: bool | None = None) -> Path:
+    """Write the checkpoint of ``src_dir`` pruned by ``plan`` to ``out_dir``, tensor by tensor.
+
+    ``src_dir`` is a Hugging Face directory (``config.json`` and ``model.safetensors``, or shards
+    and ``model.safetensors.index.json``); ``plan`` was made from :func:`depgraph.analyze` of the
+    model :func:`meta_model` builds from it (pass that ``analysis`` to skip analyzing it again).
+    ``out_dir`` gets the same shard files (same names, same tensors, sliced), a new index,
+    the pruned ``config.json`` (with ``per_layer_config`` where layers differ and transformers
+    supports it) and the other ``*.json``, ``*.model``, ``*.txt`` files unchanged, so that
+    ``from_pretrained(out_dir)`` gives the model ``depgraph.prune`` gives in memory.
+
+    Memory: one source tensor and its pruned copy at a time (the source is memory-mapped; the
+    output is written as it is computed), plus the model on ``meta``, which holds no weights.
+
+    Refused with :class:`~depgraph.PlanError` before anything is written when the plan does not fit
+    the model or the pruned config cannot describe the pruned sizes (then prune in memory and save
+    the weights with the plan); with :class:`CheckpointError` when ``out_dir`` holds weights written
+    with another plan (or not by this function), or its disk lacks the room for the output.
+    A rerun with the same plan skips the shards already complete (a crash leaves at most a
+    ``*.partial`` file). ``progress``: a tqdm bar per shard (None: when stderr is a terminal).
+
+    Examples
+    --------
+    >>> import tempfile, torch, depgraph, transformers
+    >>> config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+    ...     num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    >>> src, out = tempfile.mkdtemp(), tempfile.mkdtemp()
+    >>> transformers.LlamaForCausalLM(config).save_pretrained(src)
+    >>> meta = depgraph.stream.meta_model(src)
+    >>> a = depgraph.analyze(meta, {"input_ids": torch.zeros(1, 8, dtype=torch.long, device="meta")})
+    >>> plan = depgraph.Plan.from_keep(a, {4: range(24)})  # half of the MLP width
+    >>> _ = depgraph.prune_checkpoint(src, plan, out, analysis=a)
+    >>> transformers.AutoModelForCausalLM.from_pretrained(out).config.intermediate_size
+    24
+    """
+    src, out = Path(src_dir), Path(out_dir)
+    model = meta_model(src)
+    analysis = analysis if analysis is not None else _analysis(model, plan)
+    plan.check(analysis)
+    kept = _kept(plan, analysis, model)
+    config = _pruned_config(model, plan)
+    shards = _layout(src, _names(model), kept, model.state_dict())
+    digest = plan_digest(plan)
+    todo = [s for s in shards if not _finished(out / s.file, s, digest)]
+    _claim(src, out, digest)
+    _check_space(out, todo)
+    out.mkdir(parents=True, exist_ok=True)
+    for shard in todo:
+        _write_shard(src / shard.file, out / shard.file, shard, digest, progress)
+    for stale in out.glob("*.safetensors.partial"):  # torn writes of shards a later run finished
+        stale.unlink()
+    _copy_extras(src, out)
+    config.save_pretrained(str(out))
+    if (src / INDEX).is_file():
+        _write_index(out, shards, digest)
+    return out
+
+
+def meta_model(src_dir: str | Path) -> nn.Module:
+    """The model of a Hugging Face directory built on the ``meta`` device (no weight memory), in
+    eval mode: the class its config's ``architectures`` names, else ``AutoModel`` (as the command
+    line's ``hf:DIR`` builds it). Plans for :func:`prune_checkpoint` are made on this model.
+
+    >>> import tempfile, transformers
+    >>> src = tempfile.mkdtemp()
+    >>> transformers.LlamaConfig(architectures=["LlamaForCausalLM"]).save_pretrained(src)
+    >>> model = meta_model(src)
+    >>> type(model).__name__, model.lm_head.weight.device.type
+    ('LlamaForCausalLM', 'meta')
+    """
+    try:
+        import transformers
+    except ImportError as exc:
+        raise CheckpointError(f"pruning a Hugging Face checkpoint needs transformers: {exc}") from exc
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(src_dir), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{src_dir} holds no Hugging Face config: {str(exc).splitlines()[0]}") from exc
+    architecture = (getattr(config, "architectures", None) or ["AutoModel"])[0]
+    cls = getattr(transformers, architecture, None) or transformers.AutoModel
+    with torch.device("meta"):
+        model = cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config)
+    return model.eval()
+
+
+def weights_on_disk(src_dir: str | Path) -> bool:
+    """Whether ``src_dir`` holds safetensors weights :func:`prune_checkpoint` can stream
+    (``model.safetensors``, or ``model.safetensors.index.json`` and its shards).
+
+    >>> weights_on_disk(".")
+    False
+    """
+    folder = Path(src_dir)
+    return folder.is_dir() and ((folder / INDEX).is_file() or (folder / SINGLE).is_file())
+
+
+def plan_digest(plan: Plan) -> str:
+    """A digest of what a plan keeps (and of the analysis it was made for)."""
+    kept = {str(i): plan.keep[i].tolist() for i in sorted(plan.keep)}
+    text = json.dumps([plan.fingerprint, kept, {str(i): plan.sizes[i] for i in sorted(plan.sizes)}])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# -- the plan, on the meta model -------------------------------------------------
+
+
+def _analysis(model: nn.Module, plan: Plan) -> Analysis:
+    """``model`` analyzed with the plan's recorded inputs and tracer."""
+    args, keywords = example_inputs(model, plan.inputs, plan.keywords)
+    return analyze(model, keywords or args, tracer=plan.tracer)
+
+
+def _kept(plan: Plan, analysis: Analysis, model: nn.Module) -> dict[str, tuple[tuple[int, torch.Tensor], ...]]:
+    """For each parameter or buffer the plan prunes: (dim, kept indices) per pruned dimension."""
+    kept: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for (name, dim), removed in sorted(plan.removed_entries(analysis).items()):
+        if bool(removed.any()):
+            kept.setdefault(name, []).append((dim, (~removed).nonzero().flatten()))
+    return {name: tuple(dims) for name, dims in kept.items()}
+
+
+def _pruned_config(model: nn.Module, plan: Plan) -> Any:
+    """The config of ``model`` pruned by ``plan`` (on meta, in place); PlanError where it cannot
+    describe the pruned sizes, as ``from_pretrained`` could not rebuild the checkpoint then."""
+    before = copy.deepcopy(model.config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the class-or-graph choice does not matter here: only the config
+        prune(model, plan, inplace=True, check=False)
+    problems = [d for _, _, differ in undescribed(model) for d in differ]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise PlanError(
+            f"the pruned {type(before).__name__} cannot describe the pruned sizes: {'; '.join(problems[:3])}{more}. "
+            "from_pretrained could not rebuild the checkpoint, so nothing was written. Prune the groups alike in "
+            "every layer (or use a transformers whose model classes read per_layer_config), or prune in memory "
+            "(depgraph.prune) and save the weights with the plan"
+        )
+    return model.config
+
+
+def _names(model: nn.Module) -> dict[str, str]:
+    """Every parameter and buffer name of ``model`` (tied aliases included) -> its first name."""
+    first: dict[int, str] = {}
+    names: dict[str, str] = {}
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, tensor in tensors:
+        names[name] = first.setdefault(id(tensor), name)
+    prefix = getattr(model, "base_model_prefix", "")
+    if prefix:  # a checkpoint of the base model, without its prefix
+        names.update({n.removeprefix(f"{prefix}."): m for n, m in list(names.items())
+                      if n.startswith(f"{prefix}.") and n.removeprefix(f"{prefix}.") not in names})
+    return names
+
+
+# -- the source layout ------------------------------------------------------------
+
+
+def _layout(src: Path, names: dict[str, str], kept: dict[str, Any], pruned: dict[str, torch.Tensor]) -> list[Shard]:
+    """Each source shard's tensors with their pruned shapes, from the headers alone; PlanError
+    where a shape differs from the pruned meta model's (``pruned``, its state dict)."""
+    from safetensors import safe_open
+
+    shards = []
+    for file in _shard_files(src):
+        with safe_open(str(src / file), framework="pt") as f:
+            pieces = tuple(_piece(name, f.get_slice(name), names, kept, pruned) for name in f.keys())
+            shards.append(Shard(file, pieces, dict(f.metadata() or {"format": "pt"})))
+    return shards
+
+
+def _shard_files(src: Path) -> list[str]:
+    if (src / INDEX).is_file():
+        try:
+            weight_map = json.loads((src / INDEX).read_text())["weight_map"]
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"{src / INDEX} is not a safetensors index: {exc}") from exc
+        files = sorted(set(weight_map.values()))
+    elif (src / SINGLE).is_file():
+        files = [SINGLE]
+    else:
+        raise CheckpointError(f"{src} holds no {SINGLE} nor {INDEX}: only safetensors checkpoints are streamed")
+    missing = [f for f in files if not (src / f).is_file()]
+    if missing:
+        raise CheckpointError(f"{src} lacks the shards its index lists: {', '.join(missing)}")
+    return files
+
+
+def _piece(name: str, view: Any, names: dict[str, str], kept: dict[str, Any], pruned: dict[str, torch.Tensor]
+           ) -> Piece:
+    dtype, shape = view.get_dtype(), list(view.get_shape())
+    if dtype not in ITEMSIZE:
+        raise CheckpointError(f"tensor {name} has dtype {dtype}, which depgraph cannot size")
+    model_name = names.get(name)
+    keep = kept.get(model_name, ()) if model_name is not None else ()
+    for dim, indices in keep:
+        shape[dim] = len(indices)
+    expected = pruned.get(model_name) if model_name is not None else None
+    if expected is not None and tuple(expected.shape) != tuple(shape):
+        raise PlanError(f"{name} would be written with shape {tuple(shape)}, but the pruned model has "
+                        f"{tuple(expected.shape)}: the checkpoint does not match its config")
+    return Piece(name, dtype, tuple(shape), keep)
+
+
+# -- the output directory -----------------------------------------------------------
+
+
+def _claim(src: Path, out: Path, digest: str) -> None:
+    """CheckpointError unless ``out`` is new, or holds only weights written with this plan."""
+    if out.exists() and src.resolve() == out.resolve():
+        raise CheckpointError(f"the output directory is the source {src}: choose another")
+    for file in sorted(out.glob("*.safetensors")) if out.is_dir() else []:
+        found = _metadata(file).get(PLAN_KEY)
+        if found != digest:
+            whose = f"another plan (digest {found})" if found else "something other than depgraph.prune_checkpoint"
+            raise CheckpointError(f"{out} holds {file.name}, written by {whose}; this plan's digest is {digest}. "
+                                  "Choose another output directory or empty this one")
+
+
+def _metadata(file: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # noqa: BLE001 -- an unreadable file is not ours
+        return {}
+
+
+def _finished(file: Path, shard: Shard, digest: str) -> bool:
+    """Whether ``file`` is ``shard`` written with the plan of ``digest`` (a rerun skips it)."""
+    from safetensors import safe_open
+
+    if not file.is_file():
+        return False
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            if (f.metadata() or {}).get(PLAN_KEY) != digest:
+                return False
+            found = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except Exception:  # noqa: BLE001 -- unreadable: write it again
+        return False
+    return found == {p.name: p.shape for p in shard.pieces}
+
+
+def _check_space(out: Path, todo: list[Shard]) -> None:
+    """CheckpointError when the shards left to write would not fit on ``out``'s disk."""
+    needed = sum(s.nbytes for s in todo)
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if needed > free:
+        raise CheckpointError(f"the pruned checkpoint needs {_gib(needed)} more in {out}, whose disk has {_gib(free)} "
+                              "free: free some space or choose another output directory")
+
+
+def _gib(count: int) -> str:
+    return f"{count / 2**30:.2f} GiB"
+
+
+# -- writing ------------------------------------------------------------------------
+
+
+def _write_shard(source: Path, target: Path, shard: Shard, digest: str, progress: bool | None) -> None:
+    """``shard`` pruned, one tensor at a time, to ``target`` (via ``target.partial``)."""
+    from safetensors import safe_open
+
+    partial = target.with_name(target.name + ".partial")
+    with safe_open(str(source), framework="pt") as f, partial.open("wb") as handle:
+        handle.write(_header(shard, {**shard.metadata, PLAN_KEY: digest}))
+        for piece in _progress(shard.pieces, shard.file, progress):
+            tensor = _sliced(f.get_tensor(piece.name), piece.keep).contiguous()
+            if tuple(tensor.shape) != piece.shape:
+                raise CheckpointError(f"{source}: {piece.name} has shape {tuple(tensor.shape)}, its header said "
+                                      f"{piece.shape}")
+            handle.write(tensor.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]  # a buffer
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, target)
+
+
+def _header(shard: Shard, metadata: dict[str, str]) -> bytes:
+    """The safetensors header of ``shard`` (size prefix included), padded to 8 bytes."""
+    entries: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for p in shard.pieces:
+        entries[p.name] = {"dtype": p.dtype, "shape": list(p.shape), "data_offsets": [offset, offset + p.nbytes]}
+        offset += p.nbytes
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def _sliced(tensor: torch.Tensor, keep: Iterable[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    for dim, indices in keep:
+        tensor = tensor.index_select(dim, indices)
+    return tensor
+
+
+def _progress(pieces: Iterable[Piece], what: str, show: bool | None) -> Iterator[Piece]:
+    """``pieces`` behind a tqdm bar on stderr when ``show`` (None: when stderr is a terminal)."""
+    if show is None:
+        show = sys.stderr.isatty()
+    yield from tqdm(pieces, desc=what, unit="tensor", disable=not show, file=sys.stderr, leave=False)
+
+
+def _copy_extras(src: Path, out: Path) -> None:
+    """Tokenizer and generation files, unchanged (not the config, the index or a plan)."""
+    for file in sorted(src.iterdir()):
+        if file.is_file() and file.suffix in EXTRAS and file.name not in ("config.json", INDEX, "plan.json"):
+            shutil.copyfile(file, out / file.name)
+
+
+def _write_index(out: Path, shards: list[Shard], digest: str) -> None:
+    index = {"metadata": {"total_size": sum(s.nbytes for s in shards), PLAN_KEY: digest},
+             "weight_map": {p.name: s.file for s in shards for p in s.pieces}}
+    partial = out / f"{INDEX}.partial"
+    partial.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    os.replace(partial, out / INDEX)
