@@ -249,6 +249,7 @@ def trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     sys.stderr.write(printed.getvalue())
     gm = exported.module()
     if device is not None and device.type == "meta":
+        _canonical_names(gm, model)
         for name, t in (*model.named_parameters(), *model.named_buffers()):
             _set_tensor(gm, name, t)  # the graph reads the model's own (meta) tensors again
     _constants_as_buffers(gm, exported.graph_signature.lifted_tensor_constants)
@@ -490,13 +491,40 @@ def _export_meta(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     def fake(t: torch.Tensor) -> torch.Tensor:
         return FakeTensor(mode, torch.empty(t.shape, dtype=t.dtype, device="meta"), torch.device("cpu"))
 
+    made: dict[int, torch.Tensor] = {}  # one fake per tensor: a tied weight stays one parameter under each name
     state: dict[str, torch.Tensor] = {
-        name: nn.Parameter(fake(p), requires_grad=p.requires_grad) for name, p in model.named_parameters()
+        name: made.setdefault(id(p), nn.Parameter(fake(p), requires_grad=p.requires_grad))
+        for name, p in model.named_parameters(remove_duplicate=False)
     }
-    state.update({name: fake(b) for name, b in model.named_buffers()})
+    state.update({name: made.setdefault(id(b), fake(b)) for name, b in model.named_buffers(remove_duplicate=False)})
     args, kwargs = tree_map(lambda t: fake(t) if isinstance(t, torch.Tensor) else t, (args, kwargs))
     with _reparametrize_module(model, state):
         return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
+
+
+def _canonical_names(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Read a tied tensor under its first name, as an export of real tensors does: exported on
+    meta, an alias (``lm_head.weight`` for ``model.embed_tokens.weight``) may name it, and the
+    analysis would take the two names for two tensors."""
+    first: dict[int, str] = {}
+    alias: dict[str, str] = {}
+    for name, t in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)):
+        alias[name] = first.setdefault(id(t), name)
+    for node in gm.graph.nodes:
+        target = alias.get(str(node.target), str(node.target)) if node.op == "get_attr" else None
+        if target is None or target == node.target:
+            continue
+        owner, _, attr = target.rpartition(".")
+        holder: nn.Module = gm
+        for part in owner.split(".") if owner else ():
+            if not hasattr(holder, part):
+                holder.add_module(part, nn.Module())
+            holder = getattr(holder, part)
+        if not hasattr(holder, attr):
+            setattr(holder, attr, getattr(gm.get_submodule(str(node.target).rpartition(".")[0]),
+                                          str(node.target).rpartition(".")[2]))
+        node.target = target
+    gm.recompile()
 
 
 def _set_tensor(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:

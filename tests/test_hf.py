@@ -274,3 +274,17 @@ def test_a_llama_built_on_the_meta_device_has_the_groups_of_a_real_one() -> None
     expected = groups(real, ids)
     assert len(expected) == (10 if ROTARY_IN_GRAPH else 9) and groups(meta, ids.to("meta")) == expected
     assert all(p.is_meta for p in meta.parameters())
+
+
+def test_tied_embeddings_analyze_on_meta_as_on_real_tensors() -> None:
+    # exported on meta, the tied weight may be named by its alias (lm_head.weight): the
+    # analysis must still see one tensor, with the groups of the real model
+    config = transformers.LlamaConfig(**SMALL, num_key_value_heads=2, tie_word_embeddings=True)
+    real = transformers.LlamaForCausalLM(config).eval()
+    with torch.device("meta"):
+        meta = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    on_real = depgraph.analyze(real, {"input_ids": ids, "use_cache": False}, tracer="export")
+    on_meta = depgraph.analyze(meta, {"input_ids": ids.to("meta"), "use_cache": False}, tracer="export")
+    assert on_meta.fingerprint == on_real.fingerprint
+    assert not any(m.name == "lm_head.weight" for g in on_meta.groups for m in g.members)
