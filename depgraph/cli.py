@@ -39,7 +39,7 @@ from .groups import Analysis
 from .plan import Plan
 from .report import report
 from .solver import solve
-from .stream import meta_model, prune_checkpoint, weights_on_disk
+from .stream import meta_model, model_class, prune_checkpoint, weights_on_disk
 
 __all__ = ["main", "load_model", "UsageError"]
 
@@ -104,8 +104,7 @@ def _hugging_face(path: Path) -> tuple[nn.Module, Any]:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as exc:
         raise UsageError(f"{path} holds no Hugging Face config: {str(exc).splitlines()[0]}") from exc
-    architecture = (getattr(config, "architectures", None) or ["AutoModel"])[0]
-    cls = getattr(transformers, architecture, None) or transformers.AutoModel
+    cls = model_class(transformers, config)
     weighted = path.is_dir() and (any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin")))
     if weighted:
         model = cls.from_pretrained(str(folder), local_files_only=True)

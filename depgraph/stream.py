@@ -149,6 +149,13 @@ def prune_checkpoint(src_dir: str | Path, plan: Plan, out_dir: str | Path, *, an
     return out
 
 
+def model_class(transformers: Any, config: Any) -> Any:
+    """The transformers class a config names in ``architectures`` (``AutoModel`` when it names
+    none, or one transformers does not export)."""
+    architecture = (getattr(config, "architectures", None) or ["AutoModel"])[0]
+    return getattr(transformers, architecture, None) or transformers.AutoModel
+
+
 def meta_model(src_dir: str | Path) -> nn.Module:
     """The model of a Hugging Face directory built on the ``meta`` device (no weight memory), in
     eval mode: the class its config's ``architectures`` names, else ``AutoModel`` (as the command
@@ -169,8 +176,7 @@ def meta_model(src_dir: str | Path) -> nn.Module:
         config = transformers.AutoConfig.from_pretrained(str(src_dir), local_files_only=True)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{src_dir} holds no Hugging Face config: {str(exc).splitlines()[0]}") from exc
-    architecture = (getattr(config, "architectures", None) or ["AutoModel"])[0]
-    cls = getattr(transformers, architecture, None) or transformers.AutoModel
+    cls = model_class(transformers, config)
     with torch.device("meta"):
         model = cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config)
     return model.eval()

@@ -52,36 +52,48 @@ def test_prune_writes_a_plan_weights_and_a_summary_that_rebuild_the_model(
     assert _run(capsys, "prune", "torchvision:resnet18", "--config", str(config), "--out", str(tmp_path / "c"))[0] == 0
 
 
+def llama_dir(path: Path, shard: str | None = None, **sizes: int) -> None:
+    """A tiny Llama (hidden 32, MLP 48, 4 query / 2 key-value heads, 2 layers) saved at ``path``
+    (in shards of ``shard`` bytes, e.g. "20KB", if given)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**{"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+                                         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                         "max_position_embeddings": 32, **sizes}, architectures=["LlamaForCausalLM"])
+    transformers.LlamaForCausalLM(config).save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
+
+
+def assert_reloads_as_pruned(src: Path, out: Path, intermediate_size: int) -> None:
+    """``from_pretrained(out)`` gives the logits of the model at ``src`` pruned with ``out``'s plan."""
+    import transformers
+
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    original = transformers.LlamaForCausalLM.from_pretrained(src).eval()
+    expected = depgraph.prune(original, depgraph.Plan.load(out / "plan.json"))
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, expected(ids).logits)
+    assert reloaded.config.intermediate_size == intermediate_size
+
+
 def test_hugging_face_directory_round_trips_through_from_pretrained(
         capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                                      architectures=["LlamaForCausalLM"])
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "src")
+    pytest.importorskip("transformers")
+    llama_dir(tmp_path / "src")
     mlp = tmp_path / "mlp.json"  # MLP widths only: a config describes them (head sizes pruned apart would not)
     mlp.write_text(json.dumps([{"op_names_re": [".*mlp\\.gate_proj"], "sparse_ratio": 0.25}]))
     code, out, _ = _run(capsys, "prune", f"hf:{tmp_path / 'src'}", "--config", str(mlp), "--out", str(tmp_path / "out"))
     assert code == 0 and "from_pretrained" in out
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    original = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "src").eval()
-    expected = depgraph.prune(original, depgraph.Plan.load(tmp_path / "out" / "plan.json"))
-    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(ids).logits, expected(ids).logits)
-    assert reloaded.config.intermediate_size == 36
+    assert_reloads_as_pruned(tmp_path / "src", tmp_path / "out", intermediate_size=36)
     code, out, _ = _run(capsys, "analyze", f"hf:{tmp_path / 'src' / 'config.json'}")  # a config alone: random weights
     assert code == 0 and "groups" in out
 
 
 def test_hugging_face_layers_a_config_cannot_describe_are_saved_as_safetensors_saying_why(
         capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                                      architectures=["LlamaForCausalLM"])
-    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "src")
+    pytest.importorskip("transformers")
+    llama_dir(tmp_path / "src")
     mlp = tmp_path / "mlp.json"  # layer 0 keeps 24 of 48 MLP units, layer 1 keeps 36: Llama builds one width
     mlp.write_text(json.dumps([{"op_names_re": [r".*layers\.0\.mlp\.gate_proj"], "sparse_ratio": 0.5},
                                {"op_names_re": [r".*layers\.1\.mlp\.gate_proj"], "sparse_ratio": 0.25}]))
@@ -182,11 +194,7 @@ def test_refusals_exit_1_and_malformed_options_exit_2(capsys: pytest.CaptureFixt
 def test_hugging_face_shards_are_pruned_shard_by_shard_with_random_importance(
         capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                                      architectures=["LlamaForCausalLM"])
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "src", max_shard_size="20KB")
+    llama_dir(tmp_path / "src", shard="20KB")
     mlp = tmp_path / "mlp.json"
     mlp.write_text(json.dumps([{"op_names_re": [".*mlp\\.gate_proj"], "sparse_ratio": 0.25}]))
     loaded: list[str] = []
@@ -198,22 +206,13 @@ def test_hugging_face_shards_are_pruned_shard_by_shard_with_random_importance(
     assert code == 0 and "pruned shard by shard" in out and not loaded
     assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == sorted(
         p.name for p in (tmp_path / "src").glob("*.safetensors"))
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    original = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "src").eval()
-    expected = depgraph.prune(original, depgraph.Plan.load(tmp_path / "out" / "plan.json"))
-    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(ids).logits, expected(ids).logits)
-    assert reloaded.config.intermediate_size == 36
+    assert_reloads_as_pruned(tmp_path / "src", tmp_path / "out", intermediate_size=36)
 
 
 def test_hugging_face_shards_load_whole_with_a_weight_importance_or_no_stream(
         capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                                      architectures=["LlamaForCausalLM"])
-    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "src", max_shard_size="20KB")
+    pytest.importorskip("transformers")
+    llama_dir(tmp_path / "src", shard="20KB", num_hidden_layers=1)
     mlp = tmp_path / "mlp.json"
     mlp.write_text(json.dumps([{"op_names_re": [".*mlp\\.gate_proj"], "sparse_ratio": 0.25}]))
     code, out, err = _run(capsys, "prune", f"hf:{tmp_path / 'src'}", "--config", str(mlp), "--out", str(tmp_path / "a"))
