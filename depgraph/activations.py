@@ -40,7 +40,7 @@ from torch import nn
 
 from passes.errors import InputError
 
-from .calibrate import _call, _progress
+from .calibrate import _call, progress_bar
 from .groups import Group
 from .importance import ElementScores
 
@@ -106,7 +106,7 @@ def activation_stats(model: nn.Module, batches: Iterable[Any], *, progress: bool
     seen = 0
     try:
         with torch.no_grad():
-            for batch in _progress(batches, "activation statistics", progress):
+            for batch in progress_bar(batches, "activation statistics", progress):
                 _call(model, batch, inputs)
                 seen += 1
     finally:

@@ -65,13 +65,12 @@ def prune(
     >>> small[0].weight.shape, small[2].in_features, net[0].weight.shape
     (torch.Size([3, 4]), 3, torch.Size([8, 4]))
     """
-    target, analysis, removed = _prepare(model, plan, inplace)
+    target, analysis, removed, inputs = _prepare(model, plan, inplace)
     biases = compensated_biases(target, plan, analysis, compensate) if compensate is not None else {}
     drop_cached_tensors(target)  # computed from the old weights
-    before = calls(analysis.graph)
+    before = calls(analysis.graph) if analysis.tracer == "fx" else {}  # what express compares with
     changed = shrink(analysis.graph, analysis.params, analysis.nodes, removed, root=target, literals=analysis.literals,
                      others=analysis.others)
-    inputs = _in_dtype_of(target, (plan.inputs, plan.keywords))
     if analysis.tracer in ("export", "record"):
         # the graph calls no modules: set their attributes from its ops, keep the class if it runs alike
         result = adopt(target, analysis.graph, analysis.params, analysis.nodes, Sizes(removed), inputs,
@@ -162,7 +161,7 @@ def simulate(model: nn.Module, plan: Plan, inplace: bool = False) -> fx.GraphMod
     >>> torch.allclose(depgraph.simulate(net, plan)(x), depgraph.prune(net, plan)(x), atol=1e-6)
     True
     """
-    _, analysis, removed = _prepare(model, plan, inplace)
+    _, analysis, removed, _ = _prepare(model, plan, inplace)
     methods = {t: s["apply_method"] for t, s in plan.settings.items() if "apply_method" in s}
     simulate_graph(analysis.graph, analysis.params, analysis.nodes, removed, methods)
     return analysis.graph
@@ -204,14 +203,17 @@ def _example(x: Any, device: torch.device) -> Any:
     return torch.zeros(x.shape, dtype=x.dtype, device=device)
 
 
-def _prepare(model: nn.Module, plan: Plan, inplace: bool) -> tuple[nn.Module, Analysis, dict]:
+def _prepare(model: nn.Module, plan: Plan, inplace: bool) -> tuple[nn.Module, Analysis, dict, Any]:
+    """The model to change (``model`` or a copy), its analysis with the plan's frontend, the
+    units removed per atom, and the plan's recorded inputs in the model's dtype."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(plan, Plan):
         raise TypeError(
             f"plan must be a depgraph.Plan, got {type(plan).__name__}: make one with depgraph.solve or Plan.from_keep"
         )
-    args, keywords = example_inputs(model, *_in_dtype_of(model, (plan.inputs, plan.keywords)))
+    recorded = _in_dtype_of(model, (plan.inputs, plan.keywords))
+    args, keywords = example_inputs(model, *recorded)
     inputs: Any = keywords or args  # analyze takes keyword inputs as a dict
     target = model if inplace else copy.deepcopy(model)
     try:
@@ -225,4 +227,4 @@ def _prepare(model: nn.Module, plan: Plan, inplace: bool) -> tuple[nn.Module, An
         ) from exc
     plan.check(analysis)
     removed = {analysis.groups[i].atom: plan.removed(i) for i in plan.keep if len(plan.removed(i))}
-    return target, analysis, removed
+    return target, analysis, removed, recorded

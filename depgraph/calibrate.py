@@ -68,7 +68,7 @@ def recalibrate_batch_norm(
             m.momentum = None
             m.train()
         with torch.no_grad():
-            for batch in _progress(batches, "batch-norm statistics", progress):
+            for batch in progress_bar(batches, "batch-norm statistics", progress):
                 _call(target, batch, inputs)
                 seen += 1
     finally:
@@ -81,12 +81,12 @@ def recalibrate_batch_norm(
     return target
 
 
-def _progress(batches: Iterable[Any], what: str, show: bool | None) -> Iterator[Any]:
-    """``batches`` behind a tqdm progress bar on stderr when ``show`` (None: when stderr is a
+def progress_bar(items: Iterable[Any], what: str, show: bool | None, unit: str = "batch") -> Iterator[Any]:
+    """``items`` behind a tqdm progress bar on stderr when ``show`` (None: when stderr is a
     terminal)."""
     if show is None:
         show = sys.stderr.isatty()
-    yield from tqdm(batches, desc=what, unit="batch", disable=not show, file=sys.stderr, leave=False)
+    yield from tqdm(items, desc=what, unit=unit, disable=not show, file=sys.stderr, leave=False)
 
 
 def _call(model: nn.Module, batch: Any, inputs: Callable[[Any], Any] | None = None) -> Any:
@@ -126,7 +126,7 @@ def gradient_importance(
     sums = [torch.zeros_like(p, dtype=torch.float32) for _, p in named]
     seen = 0
     try:
-        for batch in _progress(batches, f"{kind} importance", progress):
+        for batch in progress_bar(batches, f"{kind} importance", progress):
             output = _call(model, batch, inputs)
             value = loss(output, batch) if loss is not None else _output_norm(output)
             grads = torch.autograd.grad(value, [p for _, p in named], allow_unused=True)

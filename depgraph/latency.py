@@ -27,7 +27,6 @@ says where it landed when none is within.
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -36,13 +35,13 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from passes.dims import atoms_of
 from passes.errors import InputError
 
 from .apply import example_inputs as recorded_inputs
 from .apply import prune
+from .calibrate import progress_bar
 from .costs import CostModel, term_value
 from .groups import Analysis
 from .plan import Plan
@@ -119,8 +118,7 @@ def latency_table(analysis: Analysis, fractions: Sequence[float] = (0.5,), *, re
     table = LatencyTable(0.0, fingerprint=analysis.fingerprint, timer=timer, repeats=repeats)
     table.baseline = table.clock(model, args, kwargs)
     groups = [g for g in analysis.groups if g.size > max(1, g.min_keep)]
-    show = sys.stderr.isatty() if progress is None else progress
-    for group in tqdm(groups, desc="latency table", unit="group", disable=not show, file=sys.stderr, leave=False):
+    for group in progress_bar(groups, "latency table", progress, unit="group"):
         kept = sorted({_kept(group, f) for f in fractions})
         for k in kept:
             variant = prune(model, Plan.from_keep(analysis, {group.index: range(k)}), check=False)

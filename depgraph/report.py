@@ -39,6 +39,8 @@ from typing import Any
 import networkx as nx
 from torch import fx
 
+from passes.meta import module_paths
+
 from .costs import CostModel
 from .groups import Analysis
 from .plan import Plan
@@ -201,8 +203,7 @@ def _feeds(nodes: list[fx.Node], drawn: set[str], weights: set[str]) -> dict[str
 def _module_of(node: fx.Node) -> str:
     if node.op == "call_module":
         return str(node.target)
-    stack = node.meta.get("nn_module_stack") or {}
-    return str(list(stack.values())[-1][0]) if stack else ""
+    return (module_paths(node) or [""])[-1]
 
 
 def _instance_of(module: str) -> str | None:

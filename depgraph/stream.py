@@ -25,21 +25,21 @@ import json
 import os
 import shutil
 import struct
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from passes.adopt import undescribed
 from passes.errors import CheckpointError, PlanError
+from passes.trace import first_names
 
 from .analyze import analyze
 from .apply import example_inputs, prune
+from .calibrate import progress_bar
 from .groups import Analysis
 from .plan import Plan
 
@@ -239,11 +239,7 @@ def _pruned_config(model: nn.Module, plan: Plan) -> Any:
 
 def _names(model: nn.Module) -> dict[str, str]:
     """Every parameter and buffer name of ``model`` (tied aliases included) -> its first name."""
-    first: dict[int, str] = {}
-    names: dict[str, str] = {}
-    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-    for name, tensor in tensors:
-        names[name] = first.setdefault(id(tensor), name)
+    names = first_names(model)
     prefix = getattr(model, "base_model_prefix", "")
     if prefix:  # a checkpoint of the base model, without its prefix
         names.update({n.removeprefix(f"{prefix}."): m for n, m in list(names.items())
@@ -365,7 +361,7 @@ def _write_shard(source: Path, target: Path, shard: Shard, digest: str, progress
     partial = target.with_name(target.name + ".partial")
     with safe_open(str(source), framework="pt") as f, partial.open("wb") as handle:
         handle.write(_header(shard, {**shard.metadata, PLAN_KEY: digest}))
-        for piece in _progress(shard.pieces, shard.file, progress):
+        for piece in progress_bar(shard.pieces, shard.file, progress, unit="tensor"):
             tensor = _sliced(f.get_tensor(piece.name), piece.keep).contiguous()
             if tuple(tensor.shape) != piece.shape:
                 raise CheckpointError(f"{source}: {piece.name} has shape {tuple(tensor.shape)}, its header said "
@@ -392,13 +388,6 @@ def _sliced(tensor: torch.Tensor, keep: Iterable[tuple[int, torch.Tensor]]) -> t
     for dim, indices in keep:
         tensor = tensor.index_select(dim, indices)
     return tensor
-
-
-def _progress(pieces: Iterable[Piece], what: str, show: bool | None) -> Iterator[Piece]:
-    """``pieces`` behind a tqdm bar on stderr when ``show`` (None: when stderr is a terminal)."""
-    if show is None:
-        show = sys.stderr.isatty()
-    yield from tqdm(pieces, desc=what, unit="tensor", disable=not show, file=sys.stderr, leave=False)
 
 
 def _copy_extras(src: Path, out: Path) -> None:

@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from .dims import Expr
 from .hf_config import describe_layers, layer_sizes, per_layer_note
-from .meta import TensorMeta
+from .meta import TensorMeta, module_paths
 from .shrink import MODULE_UPDATES, Sizes, replace_module
 
 __all__ = ["adopt", "undescribed", "update_attributes"]
@@ -189,8 +189,7 @@ def _head_pairs(gm: fx.GraphModule, nodes: dict[str, Any], sizes: Sizes) -> dict
             continue
         if [e.size for e in out[:-2]] != [e.size for e in axes[:-1]] or out[-2].size * out[-1].size != axes[-1].size:
             continue
-        stack = node.meta.get("nn_module_stack") or {}
-        owner = list(stack.values())[-1][0] if stack else ""
+        owner = (module_paths(node) or [""])[-1]
         for kind, expr in (("heads", out[-2]), ("head_dim", out[-1]), ("width", axes[-1])):
             found.setdefault((owner, kind), []).append((expr.size, sizes.size(expr)))
     return found

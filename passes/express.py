@@ -2,7 +2,7 @@
 
 Needs: the fx graph's calls before :func:`passes.shrink.shrink` (:func:`calls`), the
 rewritten graph, and the model it was traced from (``root``, already sliced). Reads
-``node.meta["nn_module_stack"]`` (fx's record of the modules whose forward made a node).
+:func:`passes.meta.module_paths` (fx's record of the modules whose forward made a node).
 Does, in place on ``root``: for each argument shrink changed (``768`` → ``538`` in
 ``x.reshape(n, 768, -1)``, ``(96,)`` → ``(68,)`` in ``F.layer_norm(x, (96,), ...)``), finds
 the attribute holding the old value on the innermost module whose forward made the call
@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from torch import fx, nn
+
+from .meta import module_paths
 
 __all__ = ["Choice", "calls", "choose", "express"]
 
@@ -78,15 +80,18 @@ def choose(choices: list[Choice], works: Callable[[], bool]) -> bool:
         kinds.setdefault((type(c.module), c.names), []).append(c)
     for (_, names), same in kinds.items():
         for name in names:
-            for c in same:
-                for other in c.names:
-                    _assign(c.module, other, c.now if other == name else c.was)
+            _narrow(same, name)
             if works():
                 return True
-        for c in same:  # none alone: all of them, as express left it
-            for other in c.names:
-                _assign(c.module, other, c.now)
+        _narrow(same, None)  # none alone: all of them, as express left it
     return False
+
+
+def _narrow(choices: list[Choice], name: str | None) -> None:
+    """Give only attribute ``name`` of each choice its new value (every one, for None)."""
+    for c in choices:
+        for other in c.names:
+            _assign(c.module, other, c.now if name in (None, other) else c.was)
 
 
 def _changes(old: Call, node: fx.Node) -> list[tuple[Any, Any]] | None:
@@ -101,9 +106,8 @@ def _changes(old: Call, node: fx.Node) -> list[tuple[Any, Any]] | None:
 
 def _owners(root: nn.Module, node: fx.Node) -> list[nn.Module]:
     """The modules whose forward made ``node``, innermost first, ending with ``root``."""
-    stack = node.meta.get("nn_module_stack") or {}
     owners = []
-    for path, _ in reversed(list(stack.values())):
+    for path in reversed(module_paths(node)):
         try:
             owners.append(root.get_submodule(path))
         except AttributeError:
@@ -176,7 +180,7 @@ def _equal(value: Any, was: Any) -> bool:
 
 def _describe(node: fx.Node, old: Call, owners: list[nn.Module]) -> str:
     """``reshape(getitem, 768, mul) -> reshape(getitem, 538, mul) in encoder (VisionTransformer)``."""
-    where = next((path for path, _ in reversed(list((node.meta.get("nn_module_stack") or {}).values()))), "")
+    where = (module_paths(node) or [""])[-1]
     before, after = _call(*old), _call(node.target, node.args, node.kwargs)
     return f"{before} -> {after} in {where or 'the forward'} ({type(owners[0]).__name__})"
 

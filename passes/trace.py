@@ -41,8 +41,8 @@ from .errors import TraceError
 SHAPE_LOGGER = "torch.fx.experimental.symbolic_shapes"
 """The torch logger that warns, as export fails, about sizes it could not trace to user code."""
 
-__all__ = ["AtenGraph", "drop_cached_tensors", "preserved_attributes", "static_dims", "trace_export", "trace_fx",
-           "trace_record"]
+__all__ = ["AtenGraph", "drop_cached_tensors", "first_names", "preserved_attributes", "static_dims", "trace_export",
+           "trace_fx", "trace_record"]
 
 
 MODE_ARGUMENTS = {"batch_norm": "training", "dropout": "train", "feature_dropout": "train",
@@ -502,29 +502,40 @@ def _export_meta(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
         return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
 
 
+def first_names(model: nn.Module) -> dict[str, str]:
+    """Every parameter and buffer name of ``model``, tied aliases included, -> the first name of
+    its tensor (the one ``named_parameters()`` gives).
+
+    >>> net = torch.nn.Sequential(torch.nn.Embedding(4, 2), torch.nn.Linear(2, 4, bias=False))
+    >>> net[1].weight = net[0].weight
+    >>> first_names(net)
+    {'0.weight': '0.weight', '1.weight': '0.weight'}
+    """
+    first: dict[int, str] = {}
+    tensors = (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False))
+    return {name: first.setdefault(id(t), name) for name, t in tensors}
+
+
 def _canonical_names(gm: fx.GraphModule, model: nn.Module) -> None:
     """Read a tied tensor under its first name, as an export of real tensors does: exported on
     meta, an alias (``lm_head.weight`` for ``model.embed_tokens.weight``) may name it, and the
     analysis would take the two names for two tensors."""
-    first: dict[int, str] = {}
-    alias: dict[str, str] = {}
-    for name, t in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)):
-        alias[name] = first.setdefault(id(t), name)
-    for node in gm.graph.nodes:
-        target = alias.get(str(node.target), str(node.target)) if node.op == "get_attr" else None
-        if target is None or target == node.target:
-            continue
-        owner, _, attr = target.rpartition(".")
+    names = first_names(model)
+    aliased = [n for n in gm.graph.nodes if n.op == "get_attr" and names.get(str(n.target), n.target) != n.target]
+    for node in aliased:
+        first = names[str(node.target)]
+        owner, _, attr = first.rpartition(".")
         holder: nn.Module = gm
         for part in owner.split(".") if owner else ():
             if not hasattr(holder, part):
                 holder.add_module(part, nn.Module())
             holder = getattr(holder, part)
         if not hasattr(holder, attr):
-            setattr(holder, attr, getattr(gm.get_submodule(str(node.target).rpartition(".")[0]),
-                                          str(node.target).rpartition(".")[2]))
-        node.target = target
-    gm.recompile()
+            alias_owner, _, alias_attr = str(node.target).rpartition(".")
+            setattr(holder, attr, getattr(gm.get_submodule(alias_owner), alias_attr))
+        node.target = first
+    if aliased:
+        gm.recompile()
 
 
 def _set_tensor(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:
