@@ -14,6 +14,7 @@ from .apply import prune, simulate, unsimulate
 from .calibrate import gradient_importance, recalibrate_batch_norm
 from .compose import compose
 from .costs import Cost, CostModel, cost
+from .depth import block_importance, calibration_loss
 from .errors import DepgraphError, InputError, PlanError, ShapeError, TraceError
 from .groups import ActivationMember, Analysis, Block, Coupled, Group, Member, Pinned
 from .latency import LatencyTable, latency_table, measure_latency
@@ -25,7 +26,7 @@ from .stream import prune_checkpoint
 
 __all__ = [
     "analyze", "infer_inputs", "solve", "prune", "prune_checkpoint", "simulate", "unsimulate", "compose",
-    "GroupRegularizer", "cost", "Cost", "CostModel", "report",
+    "GroupRegularizer", "block_importance", "calibration_loss", "cost", "Cost", "CostModel", "report",
     "recalibrate_batch_norm", "gradient_importance", "activation_stats", "activation_importance",
     "ActivationStats", "ChannelStats", "latency_table", "measure_latency", "LatencyTable", "Plan", "Reconciliation",
     "Analysis", "Group", "Member", "ActivationMember", "Pinned", "Coupled", "Block", "errors",

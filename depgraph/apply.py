@@ -12,6 +12,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_map
 
 from passes.adopt import adopt
+from passes.blocks import delete_unused, drop_blocks, live_paths, remove_modules, whole_modules
 from passes.errors import DepgraphError, PlanError
 from passes.express import calls, choose, express
 from passes.meta import TensorMeta
@@ -68,10 +69,15 @@ def prune(
     target, analysis, removed, inputs = _prepare(model, plan, inplace)
     biases = compensated_biases(target, plan, analysis, compensate) if compensate is not None else {}
     drop_cached_tensors(target)  # computed from the old weights
+    paths = live_paths(analysis.graph)
+    erased = drop_blocks(analysis.graph, plan.blocks(analysis))
     before = calls(analysis.graph) if analysis.tracer == "fx" else {}  # what express compares with
     changed = shrink(analysis.graph, analysis.params, analysis.nodes, removed, root=target, literals=analysis.literals,
                      others=analysis.others)
-    if analysis.tracer in ("export", "record"):
+    whole = _without_blocks(target, analysis, plan, paths, erased)
+    if whole is None:
+        result = analysis.graph
+    elif analysis.tracer in ("export", "record"):
         # the graph calls no modules: set their attributes from its ops, keep the class if it runs alike
         result = adopt(target, analysis.graph, analysis.params, analysis.nodes, Sizes(removed), inputs,
                        analysis.tracer == "record")
@@ -84,13 +90,40 @@ def prune(
                 stacklevel=2,
             )
     else:
-        result = _expressed(target, analysis, before, inputs, check) if changed else target
+        result = _expressed(target, analysis, before, inputs, check) if changed or whole else target
     result = _verified(result, analysis, model, inputs) if check else result
     skipped = set_biases(result, biases, analysis.tracer)
     if skipped:
         warnings.warn(f"bias compensation left out {', '.join(skipped)}: the pruned graph reads no bias for them",
                       stacklevel=2)
     return result
+
+
+def _without_blocks(target: nn.Module, analysis: Analysis, plan: Plan, paths: dict[str, list[str]],
+                    erased: dict[str, fx.Node]) -> list[str] | None:
+    """With the plan's blocks erased from the graph (``erased``; ``paths``: each node's modules
+    before), their modules deleted from the graph and, where each block lies in a module whose
+    whole forward went with it, from ``target``: the modules taken out of ``target`` (see
+    :func:`passes.blocks.remove_modules`). None, with a warning, where a removed block shares
+    its module's forward with what stays, so the class would still run it: prune returns the graph."""
+    blocks = plan.blocks(analysis)
+    if not blocks:
+        return []
+    delete_unused(analysis.graph, erased)
+    whole = whole_modules(paths, erased)
+    loose = [b for b in blocks if not set(paths[b.add]) & set(whole)]
+    if loose:
+        where = paths[loose[0].add][-1] if paths[loose[0].add] else "the model's own forward"
+        more = f" (and {len(loose) - 1} more)" if len(loose) > 1 else ""
+        warnings.warn(
+            f"prune returns a torch.fx.GraphModule, not a {type(target).__name__}: removed block {loose[0]}{more} "
+            f"is added to its stream in {where}, whose forward also computes what stays, so the class would still "
+            "run the block. The graph runs without it; remove every block of that module to keep the class",
+            stacklevel=3,
+        )
+        return None
+    remove_modules(target, whole)
+    return whole
 
 
 def _expressed(target: nn.Module, analysis: Analysis, before: dict, inputs: Any, check: bool) -> nn.Module:
@@ -163,6 +196,7 @@ def simulate(model: nn.Module, plan: Plan, inplace: bool = False) -> fx.GraphMod
     """
     _, analysis, removed, _ = _prepare(model, plan, inplace)
     methods = {t: s["apply_method"] for t, s in plan.settings.items() if "apply_method" in s}
+    drop_blocks(analysis.graph, plan.blocks(analysis))  # y = x + 0; the branch's parameters stay
     simulate_graph(analysis.graph, analysis.params, analysis.nodes, removed, methods)
     return analysis.graph
 

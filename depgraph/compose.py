@@ -45,7 +45,20 @@ def compose(original: Analysis, first: Plan, pruned: Analysis, second: Plan) -> 
         keep[source.index] = units[second.keep[group.index]].sort().values
     for index, units in first.keep.items():
         keep.setdefault(index, units)
-    return Plan.from_keep(original, keep)
+    return Plan.from_keep(original, keep, drop_blocks=[*first.drop, *_blocks(original, first, pruned, second)])
+
+
+def _blocks(original: Analysis, first: Plan, pruned: Analysis, second: Plan) -> list[int]:
+    """The original blocks the blocks ``second`` removes from the pruned model are: the block of
+    ``original`` made of the same modules (the first plan's removals kept the others' names)."""
+    found = []
+    for block in second.blocks(pruned):
+        match = [i for i, b in enumerate(original.blocks) if b.modules == block.modules and i not in first.drop]
+        if not match:
+            raise PlanError(f"block {block} of the pruned model matches no block of the original by its modules "
+                            "(the first plan renamed them, removing a layer of a list): apply the plans one by one")
+        found.append(match[0])
+    return found
 
 
 def _source(original: Analysis, group: Group, kept_entries: dict[tuple[str, int], torch.Tensor]

@@ -17,15 +17,16 @@ Cost(params=7, macs=18)
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 from passes.cost import Term, kept_size, mac_terms
 from passes.dims import Atom, Expr, atoms_of
 
-from .groups import Analysis
+from .groups import Analysis, Block
 from .plan import Plan
 
 __all__ = ["Cost", "CostModel", "cost"]
@@ -51,12 +52,41 @@ class CostModel:
         if self.unmodeled:
             warnings.warn(f"the MACs of {', '.join(self.unmodeled[:5])} cannot be written over their axes and are not "
                           "counted: depgraph's cost undercounts this model (please report it)", stacklevel=2)
+        self._by_atom = self._index()
+        self.full: Cost | None = None
+        """Set on a :meth:`without` view: the whole model's cost, which targets are fractions of."""
+
+    def _index(self) -> dict[Atom, list[tuple[str, int]]]:
         by_atom: dict[Atom, list[tuple[str, int]]] = {}
         for kind, terms in (("params", self.param_terms), ("macs", self.mac_terms)):
             for i, term in enumerate(terms):
                 for atom in {a for f in term.factors for a in atoms_of(f)}:
                     by_atom.setdefault(atom, []).append((kind, i))
-        self._by_atom = by_atom
+        return by_atom
+
+    def without(self, blocks: Iterable[Block]) -> "CostModel":
+        """This model with ``blocks`` removed: their parameters and MACs count nothing (so their
+        groups' units save nothing); ``full`` keeps the whole model's cost.
+
+        >>> import torch, depgraph
+        >>> class Residual(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.a, self.b = torch.nn.Linear(4, 8), torch.nn.Linear(8, 4)
+        ...     def forward(self, x):
+        ...         return x + self.b(self.a(x))
+        >>> a = depgraph.analyze(Residual(), torch.zeros(1, 4))
+        >>> view = CostModel(a).without(a.blocks)
+        >>> view.of(), view.full
+        (Cost(params=0, macs=0), Cost(params=76, macs=64))
+        """
+        view = copy.copy(self)
+        names = {n for b in blocks for n in (*b.params, *b.nodes)}
+        view.param_terms = [t for t in self.param_terms if t.node not in names]
+        view.mac_terms = [t for t in self.mac_terms if t.node not in names]
+        view._by_atom = view._index()
+        view.full = self.full or self.of()
+        return view
 
     def counts(self, plan: Plan | dict[int, int] | None = None) -> dict[int, int]:
         """Kept units per group index: a plan's, a dict of counts, or every unit."""
@@ -68,12 +98,15 @@ class CostModel:
             return {g.index: kept.get(g.index, g.size) for g in self.analysis.groups}
         return {g.index: int(plan.get(g.index, g.size)) for g in self.analysis.groups}
 
-    def of(self, plan: Plan | dict[int, int] | None = None) -> Cost:
-        """The cost of the model ``prune(model, plan)`` returns (the model's own without a plan)."""
+    def of(self, plan: Plan | dict[int, int] | None = None, blocks: Iterable[Block] = ()) -> Cost:
+        """The cost of the model ``prune(model, plan)`` returns (the model's own without a plan):
+        the removed blocks' parameters and MACs (the plan's, and ``blocks``) not counted."""
         kept = self._kept(self.counts(plan))
+        gone = [*(plan.blocks(self.analysis) if isinstance(plan, Plan) else ()), *blocks]
+        names = {n for b in gone for n in (*b.params, *b.nodes)}
         memo: dict[Expr, int] = {}
-        params = self.fixed_params + sum(term_value(t, kept, memo) for t in self.param_terms)
-        macs = sum(term_value(t, kept, memo) for t in self.mac_terms)
+        params = self.fixed_params + sum(term_value(t, kept, memo) for t in self.param_terms if t.node not in names)
+        macs = sum(term_value(t, kept, memo) for t in self.mac_terms if t.node not in names)
         return Cost(params, macs)
 
     def per_unit(self, plan: Plan | dict[int, int] | None = None) -> dict[int, Cost]:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import operator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 
@@ -13,7 +14,7 @@ from passes.dims import coordinates, removed_mask
 from passes.errors import PlanError
 from passes.meta import TensorMeta
 
-from .groups import Analysis
+from .groups import Analysis, Block
 
 __all__ = ["Plan", "Reconciliation"]
 
@@ -41,6 +42,8 @@ class Plan:
     the example inputs' shapes so a fresh model can be re-analyzed to apply it, and
     ``keywords`` the keyword example inputs of a torch.export analysis (tensor shapes
     and plain values such as ``use_cache=False``).
+    ``drop`` maps the index of each removed block (``analysis.blocks``) to its output node's
+    name, which :meth:`check` compares with the analysis the plan is applied with.
     ``settings`` maps a target (``"fc.weight"``, ``"attn._input_"``) to the settings a
     config list gave it (``{"apply_method": "add"}``); they are saved with the plan and
     :func:`depgraph.simulate` honours the apply methods.
@@ -54,12 +57,14 @@ class Plan:
     settings: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False)
     tracer: str = "fx"
     keywords: dict[str, Any] = field(default_factory=dict)
+    drop: dict[int, str] = field(default_factory=dict)
 
     # -- construction ----------------------------------------------------------
 
     @classmethod
-    def from_keep(cls, analysis: Analysis, keep: Mapping[int, Any]) -> "Plan":
-        """A plan keeping, for each listed group index, the given unit indices.
+    def from_keep(cls, analysis: Analysis, keep: Mapping[int, Any], drop_blocks: Iterable[Any] = ()) -> "Plan":
+        """A plan keeping, for each listed group index, the given unit indices, and removing
+        ``drop_blocks`` (indices into ``analysis.blocks``, or the :class:`~depgraph.Block` s).
 
         >>> import torch, depgraph
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -73,7 +78,7 @@ class Plan:
             _check_minimum(analysis, index, units)
         return cls(
             checked, {i: sizes[i] for i in checked}, analysis.fingerprint, analysis.inputs, tracer=analysis.tracer,
-            keywords=_keywords(analysis),
+            keywords=_keywords(analysis), drop=_drops(analysis, drop_blocks),
         )
 
     @classmethod
@@ -149,6 +154,8 @@ class Plan:
         """One line per group the plan prunes: kept / total units."""
         rows = [f"{'group':>5}  {'kept':>6}  {'of':>6}"]
         rows += [f"{i:>5}  {len(k):>6}  {self.sizes[i]:>6}" for i, k in sorted(self.keep.items())]
+        if self.drop:
+            rows.append(f"removed blocks: {', '.join(str(i) for i in sorted(self.drop))}")
         return "\n".join(rows)
 
     # -- persistence ------------------------------------------------------------
@@ -174,6 +181,8 @@ class Plan:
             data["keywords"] = {k: _input_json(v) for k, v in self.keywords.items()}
         if self.settings:
             data["settings"] = self.settings
+        if self.drop:
+            data["blocks"] = [{"index": i, "output": self.drop[i]} for i in sorted(self.drop)]
         Path(path).write_text(json.dumps(data, indent=1))
 
     @classmethod
@@ -188,8 +197,9 @@ class Plan:
             settings = {str(k): dict(v) for k, v in data.get("settings", {}).items()}
             tracer = str(data.get("tracer", "fx"))
             keywords = {str(k): _input_from_json(v) for k, v in data.get("keywords", {}).items()}
+            drop = {int(b["index"]): str(b["output"]) for b in data.get("blocks", [])}
             return cls(keep, sizes, str(data["fingerprint"]), inputs, settings=settings, tracer=tracer,
-                       keywords=keywords)
+                       keywords=keywords, drop=drop)
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(f"{path} is not a depgraph plan: {exc}") from exc
 
@@ -203,6 +213,37 @@ class Plan:
         sizes = {g.index: g.size for g in analysis.groups}
         for index, units in self.keep.items():
             _check_minimum(analysis, int(index), _check_units(index, units, sizes))
+        for index, output in self.drop.items():
+            if index >= len(analysis.blocks) or analysis.blocks[index].output != output:
+                raise PlanError(
+                    f"this plan removes block {index} (output {output}), which this analysis does not have "
+                    f"({len(analysis.blocks)} blocks): make the plan from depgraph.analyze() of this model"
+                )
+
+    def blocks(self, analysis: Analysis) -> list[Block]:
+        """The blocks of ``analysis`` this plan removes, in graph order."""
+        return [analysis.blocks[i] for i in sorted(self.drop)]
+
+
+def _drops(analysis: Analysis, blocks: Iterable[Any]) -> dict[int, str]:
+    """Block index -> output node name, from indices into ``analysis.blocks`` or Blocks."""
+    known = analysis.blocks
+    drop = {}
+    for b in blocks:
+        if isinstance(b, Block):
+            if b not in known:
+                raise PlanError(f"{b} is not a block of this analysis: pick blocks from analysis.blocks")
+            index = known.index(b)
+        else:
+            try:
+                index = operator.index(b)
+            except TypeError:
+                index = -1
+        if not 0 <= index < len(known):
+            raise PlanError(f"drop_blocks takes indices into analysis.blocks (0..{len(known) - 1}) or Blocks, "
+                            f"got {b!r}")
+        drop[index] = known[index].output
+    return dict(sorted(drop.items()))
 
 
 def _check_units(index: Any, units: Any, sizes: dict[int, int]) -> torch.Tensor:

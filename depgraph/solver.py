@@ -10,6 +10,7 @@ import torch
 from passes.errors import InputError
 
 from .config import Block, parse, resolve
+from .depth import depth_plan
 from .groups import Analysis
 from .importance import AGGREGATES, CRITERIA, Criterion, ElementScores, Weights, describe, unit_scores
 from .latency import LatencyTable, within_latency
@@ -37,6 +38,8 @@ def solve(
     target: Mapping[str, float] | None = None,
     latency_table: LatencyTable | None = None,
     strategy: str = "importance",
+    depth: bool | Mapping[int, float] = False,
+    evaluate: Callable[[Plan], float] | None = None,
 ) -> Plan:
     """Choose the units each group keeps: rank units by importance, remove the lowest.
 
@@ -89,6 +92,15 @@ def solve(
     latency_table
         With a latency target: a :func:`depgraph.latency_table` of this analysis, to reuse
         (measured here otherwise: one prune and a few timed runs per group).
+    depth
+        With a MACs or parameters target: remove blocks (``analysis.blocks``) as well as units.
+        A mapping gives each block's importance (:func:`depgraph.block_importance`); ``True``
+        measures it with ``evaluate`` (the growth of its value when the block alone goes).
+        Blocks go least important first; a few numbers of blocks are tried, the groups narrowed
+        to the target for each, and the plan ``evaluate`` scores lowest wins (:mod:`depgraph.depth`).
+    evaluate
+        With ``depth``: ``evaluate(plan)`` (lower is better), e.g.
+        :func:`depgraph.calibration_loss` of the model on a few batches.
 
     Returns
     -------
@@ -134,11 +146,15 @@ def solve(
             raise InputError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
         solve_at = _target_solver(analysis, importance, aggregate, round_to, (min_sparse_ratio, max_sparse_ratio),
                                   _generator(seed), strategy)
+        if depth is not False:
+            return _with_depth(analysis, depth, evaluate, (metric, fraction), solve_at)
         if metric == "latency":
             return within_latency(analysis, fraction, latency_table, solve_at)
         return solve_at((metric, fraction), None)
     if latency_table is not None:
         raise InputError("latency_table= goes with target={'latency': f}")
+    if depth is not False:
+        raise InputError("depth= goes with target={'macs': f} or {'params': f}: blocks and units share one budget")
     if (sparsity is None) == (config_list is None):
         raise InputError(
             "pass exactly one of sparsity= (a fraction, or {group index: fraction}) and config_list="
@@ -155,6 +171,32 @@ def solve(
     plan = Plan.from_keep(analysis, keep)
     plan.settings = settings
     return plan
+
+
+def _with_depth(analysis: Analysis, depth: bool | Mapping[int, float], evaluate: Callable[[Plan], float] | None,
+                target: tuple[str, float], solve_at: Callable[[tuple[str, float], Any], Plan]) -> Plan:
+    """The plan of :func:`depgraph.depth.depth_plan`, the block scores given or measured by ``evaluate``."""
+    if target[0] == "latency":
+        raise InputError("depth= needs a MACs or parameters target: the latency predictor does not model removed "
+                         "blocks")
+    if evaluate is None:
+        raise InputError("depth= chooses how many blocks to remove by evaluating candidate plans: pass evaluate= "
+                         "(e.g. depgraph.calibration_loss(model, batches, loss=...))")
+    if not analysis.blocks:
+        raise InputError("depth= found no removable blocks in this model (analysis.blocks is empty)")
+    if depth is True:
+        base = evaluate(Plan.from_keep(analysis, {}))
+        scores = {i: evaluate(Plan.from_keep(analysis, {}, drop_blocks=[i])) - base
+                  for i in range(len(analysis.blocks))}
+    elif isinstance(depth, Mapping):
+        scores = {int(i): float(s) for i, s in depth.items()}
+        unknown = sorted(set(scores) - set(range(len(analysis.blocks))))
+        if unknown:
+            raise InputError(f"depth= scores blocks {unknown}, which the analysis does not have "
+                             f"(it has {len(analysis.blocks)})")
+    else:
+        raise InputError(f"depth must be True or a mapping {{block index: importance}}, got {depth!r}")
+    return depth_plan(analysis, scores, target, solve_at, evaluate)
 
 
 def _generator(seed: int | None) -> torch.Generator:

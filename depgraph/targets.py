@@ -101,7 +101,7 @@ def target_counts(analysis: Analysis, blocks: list[Block], scores: list[torch.Te
     :data:`STRATEGIES`."""
     metric, fraction = target
     model = model if model is not None else CostModel(analysis)
-    original = getattr(model.of(), metric)
+    original = getattr(getattr(model, "full", None) or model.of(), metric)  # a view without blocks keeps the whole
     goal = math.floor(fraction * original)
     states = []
     for block, s, (lo, hi) in zip(blocks, scores, bounds):

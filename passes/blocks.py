@@ -23,6 +23,13 @@ inside a block (a residual within a residual branch) is listed, and so is the ou
 post-norm block (``norm(x + f(x))``, BERT) is listed without the norm, which reads the sum.
 Two branches of one stream whose sum is added (ResNet's downsample) are not: neither is an
 ancestor of the other.
+
+Removing blocks (:func:`drop_blocks`, in place on the graph, for ``prune`` and ``simulate`` alike):
+each block's addition gives its other operand, and the branch's nodes are erased. Where a module's
+whole forward is erased that way (a ConvNeXt block, a decoder layer whose attention and MLP both go),
+:func:`whole_modules` names it and :func:`remove_modules` takes it out of the model itself: deleted
+from a ``ModuleList`` (the ``layer_idx`` of later layers and a config's ``num_hidden_layers`` and
+``layer_types`` follow), replaced by ``nn.Identity`` elsewhere.
 """
 
 from __future__ import annotations
@@ -31,13 +38,16 @@ import heapq
 import operator
 from dataclasses import dataclass, field
 from os.path import commonprefix
+from typing import Iterable
 
 import torch
 from torch import fx, nn
 
-from .meta import VALUE, TensorMeta
+from .errors import PlanError
+from .meta import VALUE, TensorMeta, module_paths
 
-__all__ = ["ADDS", "Block", "find_blocks"]
+__all__ = ["ADDS", "Block", "find_blocks", "drop_blocks", "delete_unused", "live_paths", "whole_modules",
+           "remove_modules"]
 
 ADDS: frozenset[object] = frozenset({
     operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__iadd__",
@@ -284,3 +294,139 @@ def _owned(cone: list[fx.Node], g: _Graph) -> list[tuple[str, str]]:
             if all(r in inside for r in g.readers[id(param)]):
                 owned.append((owner, name))
     return list(dict.fromkeys(owned))
+
+
+def drop_blocks(gm: fx.GraphModule, blocks: list[Block]) -> dict[str, fx.Node]:
+    """Remove ``blocks`` from ``gm`` in place: each addition gives its other operand and the
+    branch is erased (with the checks that read it and the attributes only it read). Returns
+    the erased nodes by name, additions included. A block inside another one dropped too is
+    erased with it. The modules and parameters stay (:func:`delete_unused` deletes them)."""
+    by_name = {n.name: n for n in gm.graph.nodes}
+    erased: dict[str, fx.Node] = {}
+    for block in blocks:
+        if block.add in erased:
+            continue
+        add, out = by_name[block.add], by_name[block.output]
+        other = add.args[1] if add.args[0] is out else add.args[0]
+        add.replace_all_uses_with(other)  # y = x + 0 is x
+        doomed = [add, *(by_name[n] for n in block.nodes if n not in erased)]
+        erased.update(_erase(gm, doomed))
+    gm.graph.lint()
+    gm.recompile()
+    return erased
+
+
+def _erase(gm: fx.GraphModule, doomed: list[fx.Node]) -> dict[str, fx.Node]:
+    """Erase ``doomed``, the nodes that read them only to check them, and then the
+    ``get_attr`` nodes nothing reads any more; the nodes erased, by name."""
+    inside = set(doomed)
+    stack = list(doomed)
+    while stack:
+        for user in list(stack.pop().users):
+            if user not in inside:
+                if user.users or user.op == "output":
+                    raise PlanError(f"{user.name} reads the branch of a removed block: a depgraph defect, "
+                                    "please report it")
+                inside.add(user)
+                stack.append(user)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    # then what only the branch read: its weights, rotary cos/sin reshaped for it, a mask's slice
+    read = [p for n in inside for p in n.all_input_nodes if p not in inside]
+    names = {}
+    for node in sorted(inside, key=order.__getitem__, reverse=True):
+        names[node.name] = node
+        gm.graph.erase_node(node)
+    while read:
+        node = read.pop()
+        if node.users or node.op in ("placeholder", "output") or node.name in names or node.is_impure():
+            continue
+        names[node.name] = node
+        read.extend(node.all_input_nodes)
+        gm.graph.erase_node(node)
+    return names
+
+
+def delete_unused(gm: fx.GraphModule, erased: dict[str, fx.Node]) -> None:
+    """Delete from ``gm`` the modules and attributes that only ``erased`` nodes called or read.
+    An attribute of a module the graph calls is left alone: fx shares that module with the
+    model it traced."""
+    remaining = {str(n.target) for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
+    called = {str(n.target) for n in (*gm.graph.nodes, *erased.values()) if n.op == "call_module"}
+    for node in erased.values():
+        target = str(node.target)
+        owner = target.rpartition(".")[0]
+        used = any(r == target or r.startswith(f"{target}.") or target.startswith(f"{r}.") for r in remaining)
+        if node.op in ("call_module", "get_attr") and not used and (node.op == "call_module" or owner not in called):
+            parent = gm.get_submodule(owner) if owner else gm
+            if hasattr(parent, target.rpartition(".")[2]):
+                delattr(parent, target.rpartition(".")[2])
+
+
+def live_paths(gm: fx.GraphModule) -> dict[str, list[str]]:
+    """The module paths of every node the output depends on, by name: not checks, nor casts to
+    the dtype a tensor has (a norm's ``x.to(float32)`` of a float32 stream, which export keeps
+    as the stream itself), which compute nothing a removed module would take with it."""
+    live = _live(gm)
+    return {n.name: module_paths(n) for n in gm.graph.nodes if n in live and not _same_cast(n)}
+
+
+CASTS: frozenset[object] = frozenset({
+    "to", "type_as", "contiguous", torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout,
+    torch.ops.aten._to_copy.default, torch.ops.aten.contiguous.default, torch.ops.aten.alias.default,
+})
+"""Ops that give their first operand back unchanged when its dtype and shape already match."""
+
+
+def _same_cast(node: fx.Node) -> bool:
+    source = node.args[0] if node.args else None
+    return (node.target in CASTS and isinstance(source, fx.Node) and _tensor(node) and _tensor(source)
+            and node.meta[VALUE] == source.meta[VALUE])
+
+
+def whole_modules(paths: dict[str, list[str]], erased: Iterable[str]) -> list[str]:
+    """The outermost modules every node of which was erased, given the module paths
+    (:func:`passes.meta.module_paths`, read before erasing) of the nodes that count (the ones
+    the output depends on) and the erased node names."""
+    erased = set(erased)
+    nodes: dict[str, list[str]] = {}
+    for node, stack in paths.items():
+        for module in stack:
+            nodes.setdefault(module, []).append(node)
+    whole = [m for m, names in nodes.items() if m and all(n in erased for n in names)]
+    return [m for m in whole if not any(m.startswith(f"{o}.") for o in whole)]
+
+
+def remove_modules(root: nn.Module, names: list[str]) -> None:
+    """Take the modules ``names`` (whose forward computes the identity once their blocks are
+    gone) out of ``root``: deleted from a ``ModuleList`` (later layers' ``layer_idx`` and the
+    config's ``num_hidden_layers`` / ``layer_types`` follow), replaced by ``nn.Identity``
+    elsewhere."""
+    lists: dict[str, list[int]] = {}
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = root.get_submodule(parent_name)
+        if isinstance(parent, nn.ModuleList) and child.isdigit():
+            lists.setdefault(parent_name, []).append(int(child))
+        else:
+            setattr(parent, child, nn.Identity())
+    for parent_name, gone in lists.items():
+        _shorten(root, parent_name, set(gone))
+
+
+def _shorten(root: nn.Module, name: str, gone: set[int]) -> None:
+    """Delete entries ``gone`` of the ModuleList ``name`` and renumber what counts layers."""
+    parent_name, _, attribute = name.rpartition(".")
+    old = root.get_submodule(name)
+    assert isinstance(old, nn.ModuleList)
+    kept = [m for i, m in enumerate(old) if i not in gone]
+    setattr(root.get_submodule(parent_name), attribute, nn.ModuleList(kept))
+    for position, layer in enumerate(kept):
+        for module in layer.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                setattr(module, "layer_idx", position)  # the index a KV cache keys the layer by
+    config = getattr(root, "config", None)
+    if config is not None and getattr(config, "num_hidden_layers", None) == len(old):
+        config.num_hidden_layers = len(kept)
+        types = getattr(config, "layer_types", None)
+        if isinstance(types, list) and len(types) == len(old):
+            config.layer_types = [t for i, t in enumerate(types) if i not in gone]
