@@ -31,7 +31,8 @@ is scored over the entries of whichever of its members have scores.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -44,7 +45,8 @@ from .calibrate import _call, progress_bar
 from .groups import Group
 from .importance import ElementScores
 
-__all__ = ["ChannelStats", "ActivationStats", "activation_stats", "activation_importance", "ACTIVATION_KINDS"]
+__all__ = ["ChannelStats", "ActivationStats", "activation_stats", "activation_importance", "recording",
+           "ACTIVATION_KINDS"]
 
 ACTIVATION_KINDS = ("activation", "fluctuation")
 _CONSUMERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -118,6 +120,34 @@ def activation_stats(model: nn.Module, batches: Iterable[Any], *, progress: bool
     if not seen:
         raise InputError("batches gave no batch: pass an iterable of inputs (tensors, tuples or dicts)")
     return ActivationStats({f"{name}.weight": _stats(modules[name], *totals) for name, totals in sums.items()})
+
+
+@contextmanager
+def recording(module: nn.Module, prefix: str = "") -> Iterator[ActivationStats]:
+    """Collect the statistics of :func:`activation_stats` over the forwards run inside the
+    ``with`` block, which the caller runs (under ``torch.no_grad``, with any arguments): the
+    yielded :class:`ActivationStats` is filled when the block ends, each weight named
+    ``prefix.name.weight`` (a model's name for a submodule: ``prefix="model.layers.3"``).
+    Buffers are not restored; the hooks are removed.
+
+    >>> import torch
+    >>> layer = torch.nn.Sequential(torch.nn.Linear(2, 3))
+    >>> with torch.no_grad(), recording(layer, "block") as stats:
+    ...     _ = layer(torch.ones(4, 2))
+    >>> list(stats), stats["block.0.weight"].count
+    (['block.0.weight'], 4)
+    """
+    modules = {name: m for name, m in module.named_modules() if isinstance(m, _CONSUMERS)}
+    sums: dict[str, list[Any]] = {}
+    handles = [m.register_forward_pre_hook(_collector(name, m, sums)) for name, m in modules.items()]
+    stats = ActivationStats()
+    try:
+        yield stats
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, totals in sums.items():
+        stats[".".join(p for p in (prefix, name, "weight") if p)] = _stats(modules[name], *totals)
 
 
 def activation_importance(

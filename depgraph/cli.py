@@ -6,8 +6,9 @@ Model specs:
 - ``torchvision:NAME`` (``weights=None``: nothing is downloaded), ``timm:NAME`` (``pretrained=False``);
 - ``hf:PATH``: a local Hugging Face directory (its weights when it has them, random weights
   from its ``config.json`` otherwise) or a ``config.json`` file; never a download. ``prune`` of a
-  directory holding safetensors weights with ``--importance random`` builds the model on ``meta``
-  and prunes the checkpoint shard by shard (:func:`depgraph.prune_checkpoint`; ``--no-stream``:
+  directory holding safetensors weights builds the model on ``meta``, ranks with ``l1`` / ``l2``
+  read one tensor at a time (:func:`depgraph.ondisk.checkpoint_importance`) or ``random``, and
+  prunes the checkpoint shard by shard (:func:`depgraph.prune_checkpoint`; ``--no-stream``:
   load it whole);
 - ``package.module:factory``: the factory called with no arguments;
 - ``FILE.pt2``: a program saved by ``torch.export.save`` (its own example inputs).
@@ -34,14 +35,20 @@ from passes.adopt import undescribed
 from .analyze import analyze
 from .apply import prune
 from .costs import cost
-from .errors import DepgraphError
+from .errors import DepgraphError, PlanError
 from .groups import Analysis
+from .importance import Criterion
+from .ondisk import checkpoint_importance
 from .plan import Plan
 from .report import report
 from .solver import solve
 from .stream import meta_model, model_class, prune_checkpoint, weights_on_disk
 
 __all__ = ["main", "load_model", "UsageError"]
+
+
+STREAMED = ("l1", "l2", "random")
+"""The ``--importance`` criteria an hf:DIR with safetensors weights is pruned with shard by shard."""
 
 
 class UsageError(Exception):
@@ -214,7 +221,10 @@ def _analyze(args: argparse.Namespace) -> int:
 def _prune(args: argparse.Namespace) -> int:
     folder = _streamed_folder(args)
     if folder is not None:
-        return _prune_streamed(args, folder)
+        try:
+            return _prune_streamed(args, folder)
+        except PlanError as exc:  # the plan fits the model: its config cannot describe the pruned sizes
+            print(f"depgraph: note: {exc}; so {folder} is loaded whole and pruned in memory", file=sys.stderr)
     model, default = load_model(args.model)
     a = analyze(model, _inputs(default, args.input_shape))
     plan = _solve(a, args)
@@ -225,8 +235,10 @@ def _prune(args: argparse.Namespace) -> int:
     return _write_summary(a, plan, args.model, _save_weights(pruned, out), out)
 
 
-def _solve(a: Analysis, args: argparse.Namespace) -> Plan:
-    options = {"importance": args.importance, "round_to": args.round_to, "seed": args.seed}
+def _solve(a: Analysis, args: argparse.Namespace, importance: Criterion | None = None) -> Plan:
+    """The plan of the command line's options; ``importance`` replaces ``--importance``'s name."""
+    options = {"importance": args.importance if importance is None else importance, "round_to": args.round_to,
+               "seed": args.seed}
     if args.target is not None:
         return solve(a, target=args.target, **options)
     if args.sparsity is not None:
@@ -236,14 +248,14 @@ def _solve(a: Analysis, args: argparse.Namespace) -> Plan:
 
 def _streamed_folder(args: argparse.Namespace) -> Path | None:
     """The hf:DIR to prune shard by shard: one holding safetensors weights, with an importance
-    that reads no weights (``random``), unless ``--no-stream``. A note says when a weight-reading
+    computed from the shards (``STREAMED``), unless ``--no-stream``. A note says when another
     importance makes the checkpoint load whole."""
     kind, _, name = args.model.partition(":")
     if kind != "hf" or args.no_stream or not weights_on_disk(name):
         return None
-    if args.importance != "random":
-        print(f"depgraph: note: --importance {args.importance} reads every weight, so {name} is loaded whole; "
-              "--importance random prunes the checkpoint shard by shard", file=sys.stderr)
+    if args.importance not in STREAMED:
+        print(f"depgraph: note: --importance {args.importance} needs the model in memory, so {name} is loaded whole; "
+              f"--importance {', '.join(STREAMED)} prune the checkpoint shard by shard", file=sys.stderr)
         return None
     return Path(name)
 
@@ -255,7 +267,8 @@ def _prune_streamed(args: argparse.Namespace, folder: Path) -> int:
     inputs = {k: v.to("meta") if isinstance(v, torch.Tensor) else v
               for k, v in _inputs(default, args.input_shape).items()}
     a = analyze(model, inputs)
-    plan = _solve(a, args)
+    importance = None if args.importance == "random" else checkpoint_importance(folder, args.importance, model=model)
+    plan = _solve(a, args, importance)
     out = prune_checkpoint(folder, plan, Path(args.out), analysis=a)
     plan.save(out / "plan.json")
     written = f"{out} (Hugging Face, pruned shard by shard: from_pretrained({str(out)!r}))"

@@ -12,6 +12,10 @@ dimension; so a checkpoint larger than memory is pruned file by file, tensor by 
    to the output file after a header computed from the source header alone;
 4. ``config.json``, a new index and the tokenizer and generation files follow.
 
+The plan is solved on the meta model with an importance that reads no weights (``random``) or
+reads them from the shards one tensor at a time (:func:`depgraph.ondisk.checkpoint_importance`:
+``l1``, ``l2``, and Wanda-sp / FLAP from :func:`depgraph.layerwise.layerwise_activation_stats`).
+
 A shard is written to ``NAME.partial`` and renamed when complete, and records a digest of the plan
 in its metadata: a rerun skips the shards already written with the same plan, and refuses an
 output directory written with another one.
@@ -130,6 +134,9 @@ def prune_checkpoint(src_dir: str | Path, plan: Plan, out_dir: str | Path, *, an
     model = meta_model(src)
     analysis = analysis if analysis is not None else _analysis(model, plan)
     plan.check(analysis)
+    if plan.drop:
+        raise PlanError("this plan removes blocks, which streaming does not do yet (later layers would be renamed): "
+                        "prune the model in memory (depgraph.prune) and save it, or remove only units")
     kept = _kept(plan, analysis, model)
     config = _pruned_config(model, plan)
     shards = _layout(src, _names(model), kept, model.state_dict())

@@ -209,15 +209,27 @@ def test_hugging_face_shards_are_pruned_shard_by_shard_with_random_importance(
     assert_reloads_as_pruned(tmp_path / "src", tmp_path / "out", intermediate_size=36)
 
 
-def test_hugging_face_shards_load_whole_with_a_weight_importance_or_no_stream(
-        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    pytest.importorskip("transformers")
+def test_hugging_face_shards_stream_with_a_magnitude_importance_and_solve_as_loaded_whole(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    transformers = pytest.importorskip("transformers")
     llama_dir(tmp_path / "src", shard="20KB", num_hidden_layers=1)
     mlp = tmp_path / "mlp.json"
-    mlp.write_text(json.dumps([{"op_names_re": [".*mlp\\.gate_proj"], "sparse_ratio": 0.25}]))
-    code, out, err = _run(capsys, "prune", f"hf:{tmp_path / 'src'}", "--config", str(mlp), "--out", str(tmp_path / "a"))
-    assert code == 0 and "--importance l2 reads every weight" in err and "shard by shard" not in out
-    code, out, err = _run(capsys, "prune", f"hf:{tmp_path / 'src'}", "--config", str(mlp), "--importance", "random",
+    mlp.write_text(json.dumps([{"op_names_re": [".*mlp\\.gate_proj"], "sparse_ratio": 0.25},
+                               {"op_names_re": [".*self_attn\\.k_proj"], "sparse_ratio": 0.5}]))
+    loaded: list[str] = []
+    with monkeypatch.context() as patch:
+        patch.setattr(transformers.LlamaForCausalLM, "from_pretrained",
+                      classmethod(lambda cls, *a, **k: loaded.append(a[0]) or None))  # streaming loads no model
+        code, out, err = _run(capsys, "prune", f"hf:{tmp_path / 'src'}", "--config", str(mlp), "--importance", "l1",
+                              "--out", str(tmp_path / "a"))
+    assert code == 0 and "shard by shard" in out and not loaded and "note" not in err
+    code, out, err = _run(capsys, "prune", f"hf:{tmp_path / 'src'}", "--config", str(mlp), "--importance", "l1",
                           "--no-stream", "--out", str(tmp_path / "b"))
-    assert code == 0 and "reads every weight" not in err and "shard by shard" not in out
-    assert (tmp_path / "b" / "model.safetensors").exists()
+    assert code == 0 and "shard by shard" not in out and (tmp_path / "b" / "model.safetensors").exists()
+    streamed, whole = (depgraph.Plan.load(tmp_path / d / "plan.json").keep for d in "ab")
+    assert streamed.keys() == whole.keys() and len(whole) == 2
+    assert all(torch.equal(streamed[i], whole[i]) for i in whole)
+    assert_reloads_as_pruned(tmp_path / "src", tmp_path / "a", intermediate_size=36)
+    code, out, err = _run(capsys, "prune", f"hf:{tmp_path / 'src'}", "--config", str(mlp), "--importance",
+                          "bn_scale", "--out", str(tmp_path / "c"))
+    assert "--importance bn_scale needs the model in memory" in err and "shard by shard" not in out

@@ -1,9 +1,12 @@
-"""Streaming prune of a checkpoint directory: reloads to the in-memory prune, resumes, refuses."""
+"""Streaming prune of a checkpoint directory: reloads to the in-memory prune, resumes, refuses; importance
+and calibration statistics read from the shards equal those of the model loaded in memory."""
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +14,10 @@ import pytest
 import torch
 
 import depgraph
-from depgraph import stream
+from depgraph import layerwise, stream
+from depgraph.importance import Weights, unit_scores
+from depgraph.layerwise import layerwise_activation_stats
+from depgraph.ondisk import CheckpointTensors, checkpoint_importance
 from depgraph.stream import CheckpointError, meta_model, prune_checkpoint
 
 transformers = pytest.importorskip("transformers")
@@ -157,3 +163,133 @@ def test_a_plan_for_another_model_or_a_directory_without_weights_is_refused(
     shutil.copy(src / "config.json", tmp_path / "config.json")
     with pytest.raises(CheckpointError, match="holds no model.safetensors nor model.safetensors.index.json"):
         prune_checkpoint(tmp_path, _plan(a), tmp_path / "out", analysis=a)
+
+
+# -- importance and calibration read from the shards ---------------------------------
+
+
+def _in_memory(src: Path) -> tuple[torch.nn.Module, depgraph.Analysis]:
+    model = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
+    return model, depgraph.analyze(model, {"input_ids": torch.zeros(1, 8, dtype=torch.long), "use_cache": False})
+
+
+def _same_plans(streamed: depgraph.Plan, loaded: depgraph.Plan) -> bool:
+    return streamed.keep.keys() == loaded.keep.keys() and all(torch.equal(streamed.keep[i], loaded.keep[i])
+                                                              for i in loaded.keep)
+
+
+class _Live:
+    """Weak references to what a wrapped function returns: ``alive[i]``, how many of them were
+    still alive when it was called the ``i``-th time."""
+
+    def __init__(self) -> None:
+        self.refs: list[weakref.ref[Any]] = []
+        self.alive: list[int] = []
+
+    def wrap(self, function: Any, values: Any = lambda result: [result]) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            gc.collect()
+            self.refs = [r for r in self.refs if r() is not None]
+            self.alive.append(len(self.refs))
+            result = function(*args, **kwargs)
+            self.refs += [weakref.ref(v) for v in values(result)]
+            return result
+        return wrapped
+
+
+@pytest.mark.parametrize("kind, shard_size, config, criterion, aggregate", [
+    ("Llama", "20KB", {}, "l2", "mean"),
+    ("Qwen2", None, {"tie_word_embeddings": True}, "l1", "max"),
+])
+def test_magnitude_read_from_the_shards_scores_and_solves_as_in_memory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, shard_size: str | None, config: dict[str, Any],
+        criterion: str, aggregate: str) -> None:
+    src = _checkpoint(tmp_path, kind, shard_size, **config)
+    a = _analysis(src)
+    model, loaded = _in_memory(src)
+    importance = checkpoint_importance(src, criterion, aggregate=aggregate, model=a.model)
+    live = _Live()
+    monkeypatch.setattr(CheckpointTensors, "__getitem__", live.wrap(CheckpointTensors.__getitem__))
+    weights = Weights.of(model)
+    for g, expected in zip(a.groups, loaded.groups):
+        assert [(m.name, m.dim) for m in g.members] == [(m.name, m.dim) for m in expected.members]
+        assert torch.equal(importance(g, {}), unit_scores([expected], weights, criterion, aggregate))
+    assert len(live.alive) > len(model.state_dict()) and not any(live.alive)  # one tensor in memory at a time
+    for options in ({"sparsity": 0.3}, {"target": {"params": 0.8}}):
+        assert _same_plans(depgraph.solve(a, importance=importance, aggregate=aggregate, **options),
+                           depgraph.solve(loaded, importance=criterion, aggregate=aggregate, **options))
+
+
+def _batches() -> list[Any]:
+    """Token ids, and keyword inputs whose attention mask pads one sequence on the left."""
+    ids = [torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, :3] = 0
+    return [ids[0], ids[1], {"input_ids": ids[2], "attention_mask": mask}]
+
+
+@pytest.mark.parametrize("kind, shard_size, config", [
+    ("Llama", "20KB", {}),
+    ("Qwen2", None, {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}),  # masks per layer
+])
+def test_layer_by_layer_statistics_rank_as_those_of_the_model_in_memory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, shard_size: str | None,
+        config: dict[str, Any]) -> None:
+    src = _checkpoint(tmp_path, kind, shard_size, **config)
+    model, loaded = _in_memory(src)
+    metas: list[torch.nn.Module] = []
+    monkeypatch.setattr(layerwise, "meta_model", lambda folder: metas.append(meta_model(folder)) or metas[-1])
+    live = _Live()
+    monkeypatch.setattr(layerwise, "_materialized",
+                        live.wrap(layerwise._materialized, lambda stage: list(stage.values())))
+    streamed = layerwise_activation_stats(src, _batches(), device="cpu")
+    expected = depgraph.activation_stats(model, _batches())
+    assert list(streamed) == list(expected) and len(expected) == 2 * 7 + 1
+    for name, s in expected.items():
+        assert (streamed[name].dim, streamed[name].count) == (s.dim, s.count)
+        for values in ("mean", "var", "rms"):
+            torch.testing.assert_close(getattr(streamed[name], values), getattr(s, values))
+    assert live.alive == [0] * (1 + 2 + 1)  # one stage at a time: the embedding, each layer, norm and lm_head
+    assert all(p.is_meta for p in metas[0].parameters()) and all(b.is_meta for b in metas[0].buffers())
+    a = _analysis(src)
+    for kind_ in ("activation", "fluctuation"):
+        importance = checkpoint_importance(src, kind_, stats=streamed, model=a.model)
+        assert _same_plans(depgraph.solve(a, 0.3, importance=importance),
+                           depgraph.solve(loaded, 0.3, importance=depgraph.activation_importance(
+                               model, expected, kind=kind_)))
+
+
+def test_importance_and_calibration_refuse_what_they_cannot_read(
+        llama: tuple[Path, depgraph.Analysis], tmp_path: Path) -> None:
+    src, a = llama
+    with pytest.raises(depgraph.InputError, match="criterion must be one of l1, l2, activation, fluctuation"):
+        checkpoint_importance(src, "bn_scale")
+    with pytest.raises(depgraph.InputError, match="stats= goes with the criteria activation and fluctuation"):
+        checkpoint_importance(src, "activation")
+    other = depgraph.activation_stats(torch.nn.Sequential(torch.nn.Linear(4, 8)), [torch.zeros(1, 4)])
+    with pytest.raises(depgraph.InputError, match=r"the statistics of 0\.weight do not fit the model of .*which has "
+                       "no such weight"):
+        checkpoint_importance(src, "fluctuation", stats=other)
+    gpt2 = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64)
+                                 ).save_pretrained(gpt2)
+    with pytest.raises(CheckpointError, match="holds a GPT2LMHeadModel; calibration layer by layer supports "
+                       "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"):
+        layerwise_activation_stats(gpt2, _batches())
+    with pytest.raises(depgraph.InputError, match="batches gave no batch"):
+        layerwise_activation_stats(src, [])
+    with pytest.raises(CheckpointError, match="holds no tensor for model.norm.weight"):
+        depgraph.solve(a, 0.5, importance=checkpoint_importance(_without(src, tmp_path / "cut", "model.norm.weight"),
+                                                                "l2", model=a.model))
+
+
+def _without(src: Path, folder: Path, name: str) -> Path:
+    """A copy of the checkpoint at ``src`` without the tensor ``name``."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, folder)
+    for file in folder.glob("*.safetensors"):
+        tensors = load_file(file)
+        if tensors.pop(name, None) is not None:
+            save_file(tensors, file, metadata={"format": "pt"})
+    return folder
