@@ -106,8 +106,10 @@ def prune_checkpoint(src_dir: str | Path, plan: Plan, out_dir: str | Path, *, an
     supports it) and the other ``*.json``, ``*.model``, ``*.txt`` files unchanged, so that
     ``from_pretrained(out_dir)`` gives the model ``depgraph.prune`` gives in memory.
 
-    Memory: one source tensor and its pruned copy at a time (the source is memory-mapped; the
-    output is written as it is computed), plus the model on ``meta``, which holds no weights.
+    Memory: one source tensor and its pruned copy at a time are allocated (the output is written as
+    it is computed), plus the model on ``meta``, which holds no weights; the source shard is
+    memory-mapped, and the pages read stay in the resident set until the shard is closed, so the
+    peak resident memory is about one shard more (``benchmarks/results/stream_memory.md``).
 
     Refused with :class:`~depgraph.PlanError` before anything is written when the plan does not fit
     the model or the pruned config cannot describe the pruned sizes (then prune in memory and save
