@@ -10,7 +10,8 @@ from a seed; :func:`check` runs the property on it; :func:`minimize` deletes ops
 the failure keeps its signature.
 
 The property (:func:`check`): ``analyze`` succeeds or refuses with a
-:class:`~depgraph.DepgraphError`; for a random plan, ``prune`` and ``simulate`` agree
+:class:`~depgraph.DepgraphError`; for a random plan (random units of every group, and each
+removable block removed with probability one half), ``prune`` and ``simulate`` agree
 within 1e-4 of the output's scale at the example's batch size and at another one, in
 eval mode and in train mode; the pruned model trains (a backward pass runs); pruning one
 group alone gives a model that runs; a plan that keeps every unit computes what the model
@@ -1056,7 +1057,8 @@ def outcome(program: Program, *, other_batch: int = 3, train: bool = True) -> tu
         return "refused", _failure("refused", exc)
     except Exception as exc:  # noqa: BLE001 -- any other error is a failure to report
         return "failed", _failure("analyze", exc)
-    plan = depgraph.Plan.from_keep(analysis, _random_keep(analysis, program.seed))
+    plan = depgraph.Plan.from_keep(analysis, _random_keep(analysis, program.seed),
+                                   drop_blocks=_random_drop(analysis, program.seed))
     steps: list[tuple[str, Callable[[], Failure | None]]] = [
         ("compare", lambda: _compare(model, plan, [x, example(program, other_batch)], train=False)),
         ("group", lambda: _group_alone(model, analysis, x, program.seed)),
@@ -1088,6 +1090,12 @@ def _random_keep(analysis: Any, seed: int) -> dict[int, torch.Tensor]:
         count = int(torch.randint(g.min_keep, g.size + 1, (1,), generator=gen))
         keep[g.index] = torch.randperm(g.size, generator=gen)[:count].sort().values
     return keep
+
+
+def _random_drop(analysis: Any, seed: int) -> list[int]:
+    """Each block of the analysis with probability one half."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    return [i for i in range(len(analysis.blocks)) if float(torch.rand((), generator=gen)) < 0.5]
 
 
 def _compare(model: nn.Module, plan: Any, inputs: list[torch.Tensor], train: bool) -> Failure | None:

@@ -24,6 +24,7 @@ output directory written with another one.
 from __future__ import annotations
 
 import copy
+import ctypes
 import hashlib
 import json
 import os
@@ -106,10 +107,9 @@ def prune_checkpoint(src_dir: str | Path, plan: Plan, out_dir: str | Path, *, an
     supports it) and the other ``*.json``, ``*.model``, ``*.txt`` files unchanged, so that
     ``from_pretrained(out_dir)`` gives the model ``depgraph.prune`` gives in memory.
 
-    Memory: one source tensor and its pruned copy at a time are allocated (the output is written as
-    it is computed), plus the model on ``meta``, which holds no weights; the source shard is
-    memory-mapped, and the pages read stay in the resident set until the shard is closed, so the
-    peak resident memory is about one shard more (``benchmarks/results/stream_memory.md``).
+    Memory: one source tensor and its pruned copy at a time (each tensor is read into its own
+    buffer, not memory-mapped, and the output is written as it is computed), plus the model on
+    ``meta``, which holds no weights (``benchmarks/results/stream_memory.md``).
 
     Refused with :class:`~depgraph.PlanError` before anything is written when the plan does not fit
     the model or the pruned config cannot describe the pruned sizes (then prune in memory and save
@@ -364,14 +364,15 @@ def _gib(count: int) -> str:
 
 
 def _write_shard(source: Path, target: Path, shard: Shard, digest: str, progress: bool | None) -> None:
-    """``shard`` pruned, one tensor at a time, to ``target`` (via ``target.partial``)."""
-    from safetensors import safe_open
-
+    """``shard`` pruned, one tensor at a time, to ``target`` (via ``target.partial``). Each source
+    tensor is read into memory of its own (not memory-mapped: the pages of a mapped shard stay
+    resident until it is closed) and freed once its pruned copy is written."""
     partial = target.with_name(target.name + ".partial")
-    with safe_open(str(source), framework="pt") as f, partial.open("wb") as handle:
+    start, entries = _source_header(source)
+    with source.open("rb", buffering=0) as f, partial.open("wb") as handle:
         handle.write(_header(shard, {**shard.metadata, PLAN_KEY: digest}))
         for piece in progress_bar(shard.pieces, shard.file, progress, unit="tensor"):
-            tensor = _sliced(f.get_tensor(piece.name), piece.keep).contiguous()
+            tensor = _sliced(_read(f, start, entries[piece.name]), piece.keep).contiguous()
             if tuple(tensor.shape) != piece.shape:
                 raise CheckpointError(f"{source}: {piece.name} has shape {tuple(tensor.shape)}, its header said "
                                       f"{piece.shape}")
@@ -379,6 +380,41 @@ def _write_shard(source: Path, target: Path, shard: Shard, digest: str, progress
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(partial, target)
+    _give_back_freed_memory()
+
+
+TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U64": torch.uint64,
+                "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
+                "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+"""The torch dtype of each safetensors dtype."""
+
+
+def _source_header(source: Path) -> tuple[int, dict[str, Any]]:
+    """Where a safetensors file's data starts, and its header's entry for each tensor."""
+    with source.open("rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        return 8 + size, json.loads(f.read(size))
+
+
+def _read(f: Any, start: int, entry: dict[str, Any]) -> torch.Tensor:
+    """The tensor ``entry`` (dtype, shape, data offsets) of the file ``f`` whose data starts at ``start``."""
+    begin, end = entry["data_offsets"]
+    buffer = bytearray(end - begin)
+    f.seek(start + begin)
+    if end > begin and f.readinto(buffer) != end - begin:
+        raise CheckpointError(f"{f.name} ends inside a tensor: the file is truncated")
+    raw = torch.frombuffer(buffer, dtype=torch.uint8) if buffer else torch.empty(0, dtype=torch.uint8)
+    return raw.view(TORCH_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+
+def _give_back_freed_memory() -> None:
+    """Return the heap glibc keeps after the per-tensor buffers are freed (its mmap threshold grows
+    with the largest buffer freed, so later tensors come from a heap that is not given back)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _header(shard: Shard, metadata: dict[str, str]) -> bytes:

@@ -302,6 +302,7 @@ def drop_blocks(gm: fx.GraphModule, blocks: list[Block]) -> dict[str, fx.Node]:
     the erased nodes by name, additions included. A block inside another one dropped too is
     erased with it. The modules and parameters stay (:func:`delete_unused` deletes them)."""
     by_name = {n.name: n for n in gm.graph.nodes}
+    live = _live(gm)
     erased: dict[str, fx.Node] = {}
     for block in blocks:
         if block.add in erased:
@@ -310,21 +311,22 @@ def drop_blocks(gm: fx.GraphModule, blocks: list[Block]) -> dict[str, fx.Node]:
         other = add.args[1] if add.args[0] is out else add.args[0]
         add.replace_all_uses_with(other)  # y = x + 0 is x
         doomed = [add, *(by_name[n] for n in block.nodes if n not in erased)]
-        erased.update(_erase(gm, doomed))
+        erased.update(_erase(gm, doomed, live))
     gm.graph.lint()
     gm.recompile()
     return erased
 
 
-def _erase(gm: fx.GraphModule, doomed: list[fx.Node]) -> dict[str, fx.Node]:
-    """Erase ``doomed``, the nodes that read them only to check them, and then the
-    ``get_attr`` nodes nothing reads any more; the nodes erased, by name."""
+def _erase(gm: fx.GraphModule, doomed: list[fx.Node], live: set[fx.Node]) -> dict[str, fx.Node]:
+    """Erase ``doomed``, the nodes that read them on no way to the output (checks, values
+    computed and never used: not in ``live``), and then what only erased nodes read; the nodes
+    erased, by name."""
     inside = set(doomed)
     stack = list(doomed)
     while stack:
         for user in list(stack.pop().users):
             if user not in inside:
-                if user.users or user.op == "output":
+                if user in live:
                     raise PlanError(f"{user.name} reads the branch of a removed block: a depgraph defect, "
                                     "please report it")
                 inside.add(user)

@@ -311,3 +311,20 @@ def test_streaming_refuses_a_plan_that_removes_blocks(tmp_path: object) -> None:
     with pytest.raises(PlanError, match="removes blocks, which streaming does not do yet"):
         depgraph.prune_checkpoint(f"{tmp_path}/src", Plan.from_keep(a, {}, drop_blocks=[1]), f"{tmp_path}/out",
                                   analysis=a)
+
+
+def test_values_computed_from_the_branch_and_never_used_go_with_it() -> None:
+    class Dead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.f = nn.Linear(8, 8)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.f(x)
+            torch.sigmoid(h).std()  # computed, never read: a chain of two nodes off the branch
+            return x + h
+
+    model, x = nn.Sequential(Dead(), nn.Linear(8, 2)).eval(), torch.randn(3, 8)
+    a = depgraph.analyze(model, x)
+    pruned, _ = apply_both(model, x, Plan.from_keep(a, {}, drop_blocks=[0]), a)
+    torch.testing.assert_close(pruned(x), model[1](x))
