@@ -328,3 +328,20 @@ def test_values_computed_from_the_branch_and_never_used_go_with_it() -> None:
     a = depgraph.analyze(model, x)
     pruned, _ = apply_both(model, x, Plan.from_keep(a, {}, drop_blocks=[0]), a)
     torch.testing.assert_close(pruned(x), model[1](x))
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "phi3", "gpt2", "bert", "qwen2"])
+def test_named_models_without_their_first_and_last_blocks(name: str) -> None:
+    if name == "mobilenet_v2":
+        torch.manual_seed(0)
+        model, inputs = torchvision.models.mobilenet_v2(num_classes=10).eval(), torch.randn(2, 3, 32, 32)
+    else:
+        from test_hf import _build, _inputs
+
+        model, inputs = _build(name), _inputs(name)[0]
+    a = depgraph.analyze(model, inputs)
+    gen = torch.Generator().manual_seed(3)
+    keep = {g.index: torch.randperm(g.size, generator=gen)[:max(g.min_keep, g.size // 2)] for g in a.groups[:4]}
+    pruned, _ = apply_both(model, inputs, Plan.from_keep(a, keep, drop_blocks=[0, len(a.blocks) - 1]), a)
+    if name == "mobilenet_v2":  # an inverted residual's forward is x + conv(x): the whole module goes
+        assert type(pruned) is type(model) and isinstance(pruned.features[3], nn.Identity)
