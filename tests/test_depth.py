@@ -166,7 +166,9 @@ def test_llama_attention_alone_gives_the_graph() -> None:
     model = tiny_llama(layers=2)
     inputs = {"input_ids": torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(1))}
     a = depgraph.analyze(model, inputs)
-    pruned, said = apply_both(model, inputs, Plan.from_keep(a, {4: range(20)}, drop_blocks=[0]), a)
+    mlp = next(g.index for g in a.groups if ("model.layers.1.mlp.gate_proj.weight", 0) in
+               [(m.name, m.dim) for m in g.members])
+    pruned, said = apply_both(model, inputs, Plan.from_keep(a, {mlp: range(20)}, drop_blocks=[0]), a)
     assert isinstance(pruned, fx.GraphModule)
     assert "removed block model.layers.0: input_layernorm, self_attn.q_proj" in said[0]
 
