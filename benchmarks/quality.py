@@ -3,8 +3,9 @@
 Run::
 
     python benchmarks/quality.py                        # both tasks, MACs targets 0.5 and 0.3
-    python benchmarks/quality.py --quick                # tiny settings: a smoke run (under 2 minutes)
+    python benchmarks/quality.py --quick                # tiny settings: a smoke run (about 2 minutes)
     python benchmarks/quality.py --tasks images --targets 0.5 --out /tmp/quality.md
+    python benchmarks/quality.py --kinds depth,sparse    # only some rows (width, depth, sparse, tp)
 
 Two tasks, each trained once and cached under ``/tmp/quality-cache/`` (keyed by a hash of
 its settings; without the cache the script trains):
@@ -28,6 +29,14 @@ fine-tuned with the same optimizer, steps and data order, and evaluated again:
   batch norms are recalibrated (``recalibrate_batch_norm``) before it is evaluated. Where
   ``solve`` takes ``strategy=``, the same calls also run with ``strategy="uniform"`` and
   ``strategy="cost"`` (the default, ``"importance"``, ranks units by normalized importance).
+- depgraph, depth (the models' removable blocks, ``analysis.blocks``): "depth only" removes blocks in
+  order of ascending Block Influence (``block_importance(..., kind="influence")``) until the MACs are
+  at most the target; "depth+width" is ``solve(..., target={"macs": f}, importance=c,
+  depth=influence, evaluate=calibration_loss(model, calibration, loss=...))``.
+- depgraph, sparse training: the trained model trained again for the fine-tuning number of steps on
+  loss + lambda * ``GroupRegularizer(analysis, kind="group_lasso", by_cost=True)`` (lambda from a small
+  sweep scored on calibration data, see ``Settings.sparse_rhos``), then ``solve(..., importance="l2")``
+  and ``prune``; and the control, the same steps with lambda = 0.
 - Torch-Pruning: ``tp.pruner.BasePruner`` (``MagnitudePruner`` is its deprecated alias) with
   ``MagnitudeImportance`` (p=1, p=2), ``TaylorImportance`` and ``HessianImportance``, one uniform
   ``pruning_ratio`` found by bisection so that the measured MACs land on the target.
@@ -43,9 +52,11 @@ import dataclasses
 import datetime
 import hashlib
 import inspect
+import itertools
 import json
 import math
 import platform
+import re
 import string
 import subprocess
 import sys
@@ -73,6 +84,8 @@ warnings.filterwarnings("ignore", module="torch_pruning")
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 """Inputs and labels (class indices, or the next characters)."""
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``loss(output, labels)``, a scalar tensor."""
 
 
 def log(message: str) -> None:
@@ -107,6 +120,14 @@ class Settings:
     strategies: tuple[str, ...] = ("importance", "uniform", "cost")
     """depgraph's ``solve(..., strategy=)`` values to run, where ``solve`` has that parameter; the
     first is its default and is labelled plain "depgraph"."""
+    depth_criteria: tuple[str, ...] = ("l2", "activation")
+    """Width criteria of the depth+width rows (``solve(..., depth=influence, evaluate=...)``)."""
+    sparse_rhos: tuple[float, ...] = (0.01, 0.1, 1.0)
+    """The sparse-training sweep: lambda = rho * (calibration loss / penalty) of the trained model,
+    so the penalty starts at rho times the task loss; the rho whose pruned models have the lowest
+    calibration loss (mean over the targets) is kept."""
+    sparse_by_cost: bool = True
+    """``GroupRegularizer(..., by_cost=)`` of the sparse-training rows."""
 
     @staticmethod
     def quick() -> Settings:
@@ -118,8 +139,7 @@ class Settings:
 # ---------------------------------------------------------------- training
 
 
-def fit(model: nn.Module, batches: Iterator[Batch], loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-        steps: int, lr: float, warmup: int = 0) -> None:
+def fit(model: nn.Module, batches: Iterator[Batch], loss: Loss, steps: int, lr: float, warmup: int = 0) -> None:
     """``steps`` AdamW steps (no weight decay) at ``lr``, linear warm-up then cosine decay; leaves eval mode."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -144,7 +164,7 @@ class Task(Protocol):
     def build(self) -> nn.Module: ...
     def config(self) -> dict[str, Any]: ...
     def train(self, model: nn.Module) -> None: ...
-    def finetune(self, model: nn.Module) -> None: ...
+    def finetune(self, model: nn.Module, loss: Loss | None = None, seed: int = SEED + 1) -> None: ...
     def evaluate(self, model: nn.Module) -> float: ...
     def loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...
     def calibration(self) -> list[Batch]: ...
@@ -260,8 +280,10 @@ class Images:
         fit(model, self.batches(SEED), self.loss, self.steps(self.s.image_epochs), self.s.image_lr,
             warmup=self.steps(1))
 
-    def finetune(self, model: nn.Module) -> None:
-        fit(model, self.batches(SEED + 1), self.loss, self.steps(self.s.image_finetune_epochs), self.s.finetune_lr)
+    def finetune(self, model: nn.Module, loss: Loss | None = None, seed: int = SEED + 1) -> None:
+        """The fine-tuning steps (``loss`` instead of the task's: the sparse-training phase)."""
+        fit(model, self.batches(seed), loss or self.loss, self.steps(self.s.image_finetune_epochs),
+            self.s.finetune_lr)
 
     def loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(output, labels)
@@ -431,8 +453,9 @@ class Text:
     def train(self, model: nn.Module) -> None:
         fit(model, self.batches(SEED), self.loss, self.s.text_steps, self.s.text_lr, warmup=100)
 
-    def finetune(self, model: nn.Module) -> None:
-        fit(model, self.batches(SEED + 1), self.loss, self.s.text_finetune_steps, self.s.finetune_lr)
+    def finetune(self, model: nn.Module, loss: Loss | None = None, seed: int = SEED + 1) -> None:
+        """The fine-tuning steps (``loss`` instead of the task's: the sparse-training phase)."""
+        fit(model, self.batches(seed), loss or self.loss, self.s.text_finetune_steps, self.s.finetune_lr)
 
     def loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(output.flatten(0, 1), labels.flatten())
@@ -535,8 +558,10 @@ def finish(task: Task, row: Row, model: nn.Module, original: depgraph.Cost, reca
 # ---------------------------------------------------------------- depgraph
 
 
-def depgraph_criteria(task: Task, model: nn.Module, calibration: list[Batch]) -> list[tuple[str, Any]]:
-    """``(name, importance for solve)`` per criterion; an importance that failed is its exception.
+def depgraph_criteria(task: Task, model: nn.Module, calibration: list[Batch],
+                      only: tuple[str, ...] | None = None) -> list[tuple[str, Any]]:
+    """``(name, importance for solve)`` per criterion (those in ``only``, where given); an importance
+    that failed is its exception.
 
     ``gradient_importance`` hands ``loss`` the batch it fed the model, so the labels are
     looked up by the input tensor's identity."""
@@ -554,8 +579,8 @@ def depgraph_criteria(task: Task, model: nn.Module, calibration: list[Batch]) ->
     kinds = ["taylor", "hessian"]
     if hasattr(depgraph, "activation_importance"):
         kinds += ["activation", "fluctuation"]
-    criteria: list[tuple[str, Any]] = [("l1", "l1"), ("l2", "l2")]
-    for name in kinds:
+    criteria: list[tuple[str, Any]] = [(n, n) for n in ("l1", "l2") if only is None or n in only]
+    for name in (k for k in kinds if only is None or k in only):
         try:
             criteria.append((name, score(name)))
         except Exception as exc:  # noqa: BLE001 -- reported in the table
@@ -587,12 +612,23 @@ def warned(fn: Callable[[], Any]) -> tuple[Any, str]:
     return value, " ".join(f"Warning: {w.message}." for w in caught)
 
 
+def condensed(notes: str) -> str:
+    """``prune``'s warning that it returns a GraphModule, in one short sentence (the rest kept)."""
+    def short(match: re.Match[str]) -> str:
+        why = ("a removed block shares its module's forward with what stays" if "removed block" in match[2]
+               else "an attention's scale changes with head_dim" if "scaled_dot_product_attention" in match[2]
+               else "a literal its modules cannot express")
+        return f"prune returned a torch.fx.GraphModule, not a {match[1]}: {why}."
+
+    return re.sub(r"Warning: prune returns a torch\.fx\.GraphModule, not a (\w+): (.*?)\.(?= Warning:|$)", short, notes)
+
+
 def depgraph_row(task: Task, row: Row, model: nn.Module, analysis: depgraph.Analysis, plan: depgraph.Plan,
                  original: depgraph.Cost, recalibrate: list[torch.Tensor]) -> Row:
     """Prune by ``plan`` and finish ``row``; a measured MACs count that ``cost(analysis, plan)`` did not
     predict is noted."""
     pruned, notes = warned(lambda: depgraph.prune(model, plan))
-    row.note += notes
+    row.note += " " + condensed(notes) if notes else ""
     finish(task, row, pruned, original, recalibrate)
     predicted = depgraph.cost(analysis, plan).macs / original.macs
     if row.macs != predicted:
@@ -607,8 +643,7 @@ def depgraph_rows(task: Task, model: nn.Module, targets: list[float], calibratio
     whose plan equals an earlier one's copies its row instead of fine-tuning the same model again."""
     analysis = depgraph.analyze(model, task.example)
     criteria = depgraph_criteria(task, model, calibration)
-    recalibrate = [x for x, _ in calibration] if any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()) else []
+    recalibrate = batch_norm_inputs(model, calibration)
     rows: list[Row] = []
     done: dict[tuple[Any, ...], Row] = {}
     for tool, strategy in depgraph_tools(settings):
@@ -628,6 +663,209 @@ def depgraph_rows(task: Task, model: nn.Module, targets: list[float], calibratio
                     row.note = first_line(exc)
                     log(f"  {tool} {name} @ {target} failed: {row.note}")
                 rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------- depth and sparse training
+
+DEPTH_WIDTH, DEPTH_ONLY = "depgraph, depth+width", "depgraph, depth only"
+DEPTH_WIDTH_BN = "depgraph, depth+width, evaluate after BN recal."
+SPARSE, EXTRA = "depgraph, sparse training", "depgraph, extra training (λ=0)"
+NEW_TOOLS = (DEPTH_WIDTH, DEPTH_WIDTH_BN, DEPTH_ONLY, SPARSE, EXTRA)
+"""Rows that remove blocks or train before pruning; compared with the width-only depgraph rows."""
+
+
+def labelled(calibration: list[Batch], task: Task) -> dict[str, Any]:
+    """``inputs=`` and ``loss=`` for ``block_importance`` / ``calibration_loss`` over ``(x, y)`` batches."""
+    return {"inputs": lambda batch: batch[0], "loss": lambda output, batch: task.loss(output, batch[1])}
+
+
+def block_names(analysis: depgraph.Analysis) -> list[str]:
+    """A short name per block: its module, and its first sub-module where two blocks share the module
+    (a transformer layer's attention and MLP)."""
+    names = [b.name for b in analysis.blocks]
+    out = []
+    for block, name in zip(analysis.blocks, names):
+        if names.count(name) > 1:
+            cut = len(name) + 1 if name else 0
+            name = f"{name} {block.modules[-1][cut:].split('.')[0]}"
+        out.append(name)
+    return out
+
+
+def dropped(analysis: depgraph.Analysis, plan: depgraph.Plan) -> str:
+    names = block_names(analysis)
+    gone = [names[i] for i in sorted(plan.drop)]
+    return f"Blocks removed: {', '.join(gone)}." if gone else "No block removed."
+
+
+def depth_only_plan(analysis: depgraph.Analysis, scores: dict[int, float], target: float,
+                    original: depgraph.Cost) -> tuple[depgraph.Plan | None, str]:
+    """Blocks removed in order of ascending influence until the MACs are at most ``target`` (a block
+    overlapping one already removed is skipped); None, and why, where removing them all stays above."""
+    chosen: list[int] = []
+    taken: set[str] = set()
+    macs = 1.0
+    for i in sorted(scores, key=lambda i: (scores[i], i)):
+        block = analysis.blocks[i]
+        nodes = {*block.nodes, block.add}
+        if nodes & taken:
+            continue
+        chosen.append(i)
+        taken |= nodes
+        plan = depgraph.Plan.from_keep(analysis, {}, drop_blocks=chosen)
+        macs, before = depgraph.cost(analysis, plan).macs / original.macs, macs
+        if macs <= target:
+            return plan, f"Depth alone cannot land nearer: one block fewer keeps {before:.4f}."
+    return None, (f"Depth alone cannot reach {target:g}: removing every block ({len(chosen)}) keeps "
+                  f"{macs:.4f} of the MACs.")
+
+
+def depth_rows(task: Task, model: nn.Module, targets: list[float], calibration: list[Batch],
+               original: depgraph.Cost, settings: Settings) -> list[Row]:
+    """Depth only (blocks by ascending Block Influence until the target) and depth+width
+    (``solve(..., depth=influence, evaluate=calibration_loss)``) at every target."""
+    analysis = depgraph.analyze(model, task.example)
+    if not analysis.blocks:
+        return [Row(DEPTH_WIDTH, "-", t, note="The model has no removable blocks (analysis.blocks is empty).")
+                for t in targets]
+    options = labelled(calibration, task)
+    scores = depgraph.block_importance(model, analysis, calibration, kind="influence", **options)
+    names = block_names(analysis)
+    log(f"  block influence: {', '.join(f'{names[i]} {s:.3f}' for i, s in scores.items())}")
+    evaluate = depgraph.calibration_loss(model, calibration, **options)
+    criteria = dict(depgraph_criteria(task, model, calibration, settings.depth_criteria))
+    recalibrate = batch_norm_inputs(model, calibration)
+    evaluators = [(DEPTH_WIDTH, evaluate)]
+    if recalibrate:
+        evaluators.append((DEPTH_WIDTH_BN, recalibrated_loss(task, model, calibration)))
+    rows: list[Row] = []
+    done: dict[tuple[int, ...], Row] = {}
+    for target in targets:
+        row = Row(DEPTH_ONLY, "influence", target)
+        plan, row.note = depth_only_plan(analysis, scores, target, original)
+        if plan is None:
+            log(f"  {DEPTH_ONLY} @ {target}: {row.note}")
+        elif tuple(sorted(plan.drop)) in done:
+            first = done[tuple(sorted(plan.drop))]
+            row = dataclasses.replace(first, target=target, note=f"Same plan as at target {first.target:g}. "
+                                      + first.note.split(" MACs ")[0].strip())
+            if row.macs is not None and abs(row.macs - target) > 0.01 * target:
+                row.note += f" MACs {row.macs:.4f} miss the target by more than 1%."
+        else:
+            done[tuple(sorted(plan.drop))] = row
+            row.note = f"{dropped(analysis, plan)} {row.note}"
+            attempt(row, lambda: depgraph_row(task, row, model, analysis, plan, original, recalibrate))
+        rows.append(row)
+        for (tool, judge), name in itertools.product(evaluators, settings.depth_criteria):
+            row = Row(tool, name, target)
+
+            def made(name: str = name, target: float = target, row: Row = row, judge: Any = judge) -> None:
+                importance = criteria[name]
+                if isinstance(importance, Exception):
+                    raise importance
+                plan, row.note = warned(lambda: depgraph.solve(
+                    analysis, target={"macs": target}, importance=importance, depth=scores, evaluate=judge))
+                if abs(depgraph.cost(analysis, plan).macs / original.macs - target) <= 0.01 * target:
+                    # a candidate that solve tried and did not return missed the target, not this plan
+                    row.note = re.sub(r"Warning: target macs=\S+ landed at [^W]*?could find\.", "", row.note)
+                row.note = f"{dropped(analysis, plan)} {row.note}".strip()
+                depgraph_row(task, row, model, analysis, plan, original, recalibrate)
+
+            attempt(row, made)
+            rows.append(row)
+    return rows
+
+
+def recalibrated_loss(task: Task, model: nn.Module, calibration: list[Batch]) -> Callable[[depgraph.Plan], float]:
+    """``evaluate(plan)`` for a model with batch norms: the calibration loss of ``prune(model, plan)``
+    after ``recalibrate_batch_norm`` (``calibration_loss`` scores ``simulate``, whose batch norms keep
+    the statistics of the unpruned model)."""
+    inputs = [x for x, _ in calibration]
+
+    def evaluate(plan: depgraph.Plan) -> float:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pruned = depgraph.recalibrate_batch_norm(depgraph.prune(model, plan), inputs, inplace=True)
+        with torch.no_grad():
+            return sum(task.loss(pruned(x), y).item() for x, y in calibration) / len(calibration)
+
+    return evaluate
+
+
+def attempt(row: Row, make: Callable[[], Any]) -> None:
+    """``make()``; its exception, if any, goes into the row's notes (a failure is a row, and is reported)."""
+    try:
+        make()
+    except Exception as exc:  # noqa: BLE001 -- reported in the table
+        row.note += " " + first_line(exc)
+        log(f"  {row.tool} {row.criterion} @ {row.target} failed: {row.note}")
+
+
+def batch_norm_inputs(model: nn.Module, calibration: list[Batch]) -> list[torch.Tensor]:
+    """The calibration inputs where the model has batch norms (to recalibrate after pruning), else none."""
+    has = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return [x for x, _ in calibration] if has else []
+
+
+def sparse_trained(task: Task, model: nn.Module, analysis: depgraph.Analysis, rho: float,
+                   settings: Settings, calibration: list[Batch]) -> tuple[nn.Module, float]:
+    """A copy of ``model`` after the fine-tuning number of steps (other batches: seed + 3) on
+    loss + lambda * GroupRegularizer, lambda = rho * (calibration loss / penalty) of ``model``; and lambda."""
+    penalty = depgraph.GroupRegularizer(analysis, kind="group_lasso", by_cost=settings.sparse_by_cost)
+    with torch.no_grad():
+        base = sum(task.loss(model(x), y).item() for x, y in calibration) / len(calibration)
+        lam = rho * base / penalty(model).item()
+    trainee = copy.deepcopy(model)
+    task.finetune(trainee, lambda output, labels: task.loss(output, labels) + lam * penalty(trainee), seed=SEED + 3)
+    return trainee, lam
+
+
+def pruned_calibration_loss(task: Task, model: nn.Module, targets: list[float], calibration: list[Batch]) -> float:
+    """Mean over ``targets`` of the calibration loss of ``model`` pruned there (l2; images: after BN
+    recalibration): how the sparse-training sweep picks lambda, without the test set."""
+    analysis = depgraph.analyze(model, task.example)
+    recalibrate = batch_norm_inputs(model, calibration)
+    total = 0.0
+    for target in targets:
+        pruned = depgraph.prune(model, depgraph.solve(analysis, target={"macs": target}, importance="l2"))
+        if recalibrate:
+            pruned = depgraph.recalibrate_batch_norm(pruned, recalibrate, inplace=True)
+        with torch.no_grad():
+            total += sum(task.loss(pruned(x), y).item() for x, y in calibration) / len(calibration)
+    return total / len(targets)
+
+
+def sparse_rows(task: Task, model: nn.Module, targets: list[float], calibration: list[Batch],
+                original: depgraph.Cost, settings: Settings) -> list[Row]:
+    """Sparse training (group lasso) then l2 pruning at every target, lambda from the sweep; and the
+    control: the same steps with lambda = 0."""
+    analysis = depgraph.analyze(model, task.example)
+    recalibrate = batch_norm_inputs(model, calibration)
+    tried = []
+    for rho in (0.0, *settings.sparse_rhos):
+        trainee, lam = sparse_trained(task, model, analysis, rho, settings, calibration)
+        score, _ = warned(lambda: pruned_calibration_loss(task, trainee, targets, calibration))
+        log(f"  sparse training rho {rho:g} (lambda {lam:.3g}): pruned calibration loss {score:.4f}")
+        tried.append((rho, lam, score, trainee))
+    sweep = ", ".join(f"rho {rho:g}: {score:.4f}" for rho, _, score, _ in tried[1:])
+    rho, lam, _, chosen = min(tried[1:], key=lambda t: t[2])
+    rows = []
+    for tool, trainee, note in [
+            (SPARSE, chosen, f"rho {rho:g}, lambda {lam:.3g} (sweep, pruned calibration loss: {sweep})."),
+            (EXTRA, tried[0][3], "The sparse-training steps without the penalty.")]:
+        trained_analysis = depgraph.analyze(trainee, task.example)
+        for target in targets:
+            row = Row(tool, "l2", target, note=note)
+
+            def made(row: Row = row, target: float = target, trainee: nn.Module = trainee,
+                     a: depgraph.Analysis = trained_analysis) -> None:
+                plan, notes = warned(lambda: depgraph.solve(a, target={"macs": target}, importance="l2"))
+                row.note += " " + notes if notes else ""
+                depgraph_row(task, row, trainee, a, plan, original, recalibrate)
+
+            attempt(row, made)
+            rows.append(row)
     return rows
 
 
@@ -742,28 +980,47 @@ def widths(model: nn.Module) -> str:
     return "conv outputs " + ",".join(str(m.out_channels) for m in model.modules() if isinstance(m, nn.Conv2d))
 
 
-def run_task(task: Task, targets: list[float], settings: Settings) -> Outcome:
+KINDS = ("width", "depth", "sparse", "tp")
+"""Which rows a run makes (``--kinds``): depgraph's width-only rows, depth (depth only, depth+width),
+sparse training, Torch-Pruning (with depgraph at its MACs where ``width`` is also asked)."""
+
+
+def run_task(task: Task, targets: list[float], settings: Settings, kinds: tuple[str, ...] = KINDS) -> Outcome:
     """Train (or load), then prune with both tools at every target, count, evaluate and fine-tune."""
     start = time.perf_counter()
     model, baseline, train_seconds, cached = trained(task)
     original = measured(model, task.example)
     calibration = task.calibration()
     log(f"{task.name}: {task.metric} {baseline:.4g}, {original.macs} MACs, {original.params} parameters")
-    log(f"{task.name}: depgraph")
-    rows = depgraph_rows(task, model, targets, calibration, original, settings)
-    log(f"{task.name}: Torch-Pruning")
-    tp_part, ratios = tp_rows(task, model, targets, calibration, original, settings.bisection_steps)
-    rows += at_tp_macs(task, model, ratios, calibration, original, settings)
+    rows: list[Row] = []
+    if "width" in kinds:
+        log(f"{task.name}: depgraph")
+        rows += depgraph_rows(task, model, targets, calibration, original, settings)
+    if "depth" in kinds:
+        log(f"{task.name}: depgraph, depth")
+        rows += depth_rows(task, model, targets, calibration, original, settings)
+    if "sparse" in kinds:
+        log(f"{task.name}: depgraph, sparse training")
+        rows += sparse_rows(task, model, targets, calibration, original, settings)
+    tp_part: list[Row] = []
+    ratios: dict[float, tuple[float, float, str]] = {}
+    if "tp" in kinds:
+        log(f"{task.name}: Torch-Pruning")
+        tp_part, ratios = tp_rows(task, model, targets, calibration, original, settings.bisection_steps)
+        if "width" in kinds:
+            rows += at_tp_macs(task, model, ratios, calibration, original, settings)
     kept = [["original", "-", widths(model)]]
     analysis = depgraph.analyze(model, task.example)
     for target in targets:
-        for tool, strategy in depgraph_tools(settings):
+        for tool, strategy in depgraph_tools(settings) if "width" in kinds else []:
             try:
                 pruned = depgraph.prune(model, depgraph_plan(analysis, target, "l2", strategy))
                 kept.append([f"{tool}, l2", f"{target:g}", widths(pruned)])
             except Exception as exc:  # noqa: BLE001 -- already reported in the rows
                 kept.append([f"{tool}, l2", f"{target:g}", first_line(exc)])
-        kept.append(["Torch-Pruning, l2", f"{target:g}", widths(tp_prune(task, model, ratios[target][0], "l2", []))])
+        if ratios:
+            pruned = tp_prune(task, model, ratios[target][0], "l2", [])
+            kept.append(["Torch-Pruning, l2", f"{target:g}", widths(pruned)])
     return Outcome(task, baseline, train_seconds, cached, rows + tp_part, ratios, kept, time.perf_counter() - start)
 
 
@@ -812,6 +1069,50 @@ def verdict(outcome: Outcome, tool: str, target: float, field: str, what: str) -
             f"{loser} ({lo.criterion}, {getattr(lo, field):.4g} at {lo.macs:.4f}) by {abs(a - b):.3g}{unit}.")
 
 
+def against_width(outcome: Outcome, tool: str, target: float, field: str, what: str,
+                  settings: Settings) -> str | None:
+    """Whether ``tool``'s best row beats the best width-only depgraph row (any strategy) at ``target``
+    on ``field``, as a sentence; None where ``tool`` has no result there."""
+    higher = outcome.task.higher_is_better
+    ours = best(outcome.rows, tool, target, field, higher)
+    if ours is None:
+        return None
+    width = [b for t, _ in depgraph_tools(settings) if (b := best(outcome.rows, t, target, field, higher))]
+    if not width:
+        return f"{what}: no width-only row to compare with."
+    theirs = (max if higher else min)(width, key=lambda r: getattr(r, field))
+    a, b = getattr(ours, field), getattr(theirs, field)
+    unit = " points" if higher else " nats/char"
+    mine = f"{ours.criterion}, {a:.4g} at {ours.macs:.4f} of the MACs"
+    other = f"{theirs.tool} {theirs.criterion}, {b:.4g} at {theirs.macs:.4f}"
+    if a == b:
+        return f"{what}: a tie with the best width-only row ({mine}; {other})."
+    if (a > b) == higher:
+        return f"{what}: **beats** the best width-only row by {abs(a - b):.3g}{unit} ({mine}; {other})."
+    return f"{what}: behind the best width-only row by {abs(a - b):.3g}{unit} ({mine}; {other})."
+
+
+def new_reading(outcome: Outcome, targets: list[float], settings: Settings) -> list[str]:
+    """One line per new tool and target: against the best width-only depgraph row."""
+    lines = []
+    for tool in NEW_TOOLS:
+        for target in targets:
+            mine = [r for r in outcome.rows if r.tool == tool and r.target == target]
+            if not mine:
+                continue
+            sentences = [against_width(outcome, tool, target, f, w, settings)
+                         for f, w in (("finetuned", "After fine-tuning"), ("pruned", "Right after pruning"))]
+            said = [x for x in sentences if x]
+            same = [f"{r.criterion} {r.finetuned:.4g} against {w.finetuned:.4g}" for r in mine for w in
+                    outcome.rows if w.tool == "depgraph" and w.target == target and w.criterion == r.criterion
+                    and r.finetuned is not None and w.finetuned is not None]
+            if same:
+                said.append(f"After fine-tuning, against plain depgraph with the same criterion: {'; '.join(same)}.")
+            reason = "; ".join(r.note.strip() for r in mine if r.macs is None)
+            lines.append(f"- {tool}, target {target:g}. " + (" ".join(said) if said else f"No result: {reason}"))
+    return lines
+
+
 def fmt(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -835,7 +1136,7 @@ def section(outcome: Outcome, targets: list[float], settings: Settings) -> str:
         cells += [fmt(r.raw, digits)] if images else []
         table.append(cells + [fmt(r.finetuned, digits), r.note.strip() or "-"])
     reading = []
-    for tool in [t for t, _ in depgraph_tools(settings)] + [AT_TP]:
+    for tool in [t for t, _ in depgraph_tools(settings)] + [AT_TP] if outcome.ratios else []:
         for target in targets:
             mine = [r for r in outcome.rows if r.tool == tool and r.target == target]
             if not mine:
@@ -856,7 +1157,10 @@ def section(outcome: Outcome, targets: list[float], settings: Settings) -> str:
         f"Trained baseline: {outcome.baseline:.4g} ({trained_how(outcome)}; this task took {outcome.seconds:.0f} s "
         f"in all). Torch-Pruning's bisected ratios: {ratios}.",
         markdown_table(header, table),
-        "Reading it (computed from the table):\n\n" + "\n".join(reading),
+        *(["Reading it (computed from the table):\n\n" + "\n".join(reading)] if reading else []),
+        *(["Depth and sparse training against width-only pruning (the best width-only depgraph row at the "
+           "target, any strategy and criterion; computed from the table):\n\n" + "\n".join(new)]
+          if (new := new_reading(outcome, targets, settings)) else []),
         "Widths kept by the l2 criterion:\n\n" + markdown_table(["model", "target", "widths"], outcome.widths),
     ])
 
@@ -896,6 +1200,27 @@ def notes(settings: Settings) -> str:
         "`uniform` removes one fraction of every group (the least that reaches the target), each group's least "
         "important units first, as Torch-Pruning's uniform ratio does per layer; `cost` removes the units of "
         "least normalized importance per MAC saved. See the widths under each table for where each put the cuts.",
+        "- Depth: `a.blocks` lists the removable residual branches (images: the five residual blocks; text: each "
+        "layer's attention and MLP sub-layers, six). Block scores: `block_importance(model, a, calibration, "
+        "kind='influence')` (ShortGPT's 1 - cos(x, x + f(x))). 'depth only': blocks removed in order of ascending "
+        "influence until the MACs are at most the target (`Plan.from_keep(a, {}, drop_blocks=...)`), so it lands "
+        "where the last block takes it, usually below the target (the notes say where one block fewer lands); "
+        "'depth+width': `solve(a, target={'macs': f}, importance=c, depth=scores, evaluate=calibration_loss(model, "
+        "calibration, loss=...))`, which tries a few numbers of removed blocks, narrows groups to the target for "
+        "each and keeps the plan of lowest calibration loss (of `simulate`, before any BN recalibration). The "
+        "notes name the blocks removed. Same BN recalibration and fine-tuning as the width-only rows. Images "
+        "only, 'depth+width, evaluate after BN recal.': the same solve with `evaluate` = the calibration loss of "
+        "`prune(model, plan)` after `recalibrate_batch_norm` (the pruned model the table evaluates), since "
+        "`calibration_loss` scores `simulate`, whose batch norms keep the unpruned model's statistics.",
+        "- Sparse training: the trained model gets the fine-tuning number of steps (other batches of the same "
+        "data, same AdamW schedule) on loss + λ·`GroupRegularizer(a, kind='group_lasso', "
+        f"by_cost={settings.sparse_by_cost})`, then `solve(..., importance='l2')` at each target, `prune`, (BN "
+        "recalibration,) and the same fine-tuning. λ = ρ · (calibration loss / penalty) of the trained model "
+        f"(the penalty starts at ρ times the task loss), ρ swept over {', '.join(map(str, settings.sparse_rhos))}; "
+        "the ρ kept is the one whose l2-pruned models have the lowest calibration loss averaged over the targets "
+        "(training data, never the test set; images after BN recalibration). 'extra training (λ=0)' is the "
+        "control: the same extra steps without the penalty, so the sparse rows' extra training is not mistaken "
+        "for the penalty's effect.",
         f"- {AT_TP}: where Torch-Pruning's uniform ratio cannot land within 1% of a target, depgraph's default "
         "strategy again at the MACs Torch-Pruning kept (rows labelled with the target), so the two compare at "
         "equal MACs.",
@@ -929,7 +1254,7 @@ def page(outcomes: list[Outcome], args: argparse.Namespace, settings: Settings, 
         f"Run {datetime.datetime.now():%Y-%m-%d %H:%M}, {seconds / 60:.1f} minutes wall time "
         f"({cache_note(outcomes)}); {args.version}; Python "
         f"{platform.python_version()}, torch {torch.__version__}, torch-pruning {version('torch-pruning')}, "
-        f"scikit-learn {version('scikit-learn')}; `torch.set_num_threads(2)` on a shared 2-core CPU; "
+        f"scikit-learn {version('scikit-learn')}; `torch.set_num_threads({args.threads})` on a shared 2-core CPU; "
         "`torch.use_deterministic_algorithms(True, warn_only=True)`, seeds fixed.",
         "Settings: " + ", ".join(f"{k}={v}" for k, v in s.items()) + ".",
         notes(settings),
@@ -942,18 +1267,25 @@ def main() -> None:
     parser.add_argument("--tasks", default="images,text", help="comma-separated: images, text")
     parser.add_argument("--targets", default=",".join(map(str, TARGETS)), help="fractions of the MACs kept")
     parser.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
+    parser.add_argument("--kinds", default=",".join(KINDS),
+                        help="comma-separated rows to make: width (depgraph width-only), depth (depth only, "
+                             "depth+width), sparse (sparse training + l2), tp (Torch-Pruning); default: all")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--out", type=Path, help="markdown file (default: results/quality.md; "
                                                  "with --quick, /tmp/quality-quick.md)")
     args = parser.parse_args()
     args.argv = sys.argv[1:]
     args.targets = [float(t) for t in args.targets.split(",")]
+    kinds = tuple(args.kinds.split(","))
+    if unknown := sorted(set(kinds) - set(KINDS)):
+        parser.error(f"unknown --kinds {', '.join(unknown)}; choose from {', '.join(KINDS)}")
     args.version = code_version()  # when the run starts: another commit may land while it runs
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
     settings = Settings.quick() if args.quick else Settings()
     tasks: dict[str, Callable[[Settings], Task]] = {"images": Images, "text": Text}
     start = time.perf_counter()
-    outcomes = [run_task(tasks[name](settings), args.targets, settings) for name in args.tasks.split(",")]
+    outcomes = [run_task(tasks[name](settings), args.targets, settings, kinds) for name in args.tasks.split(",")]
     text = page(outcomes, args, settings, time.perf_counter() - start)
     print(text)
     write(args.out or (Path("/tmp/quality-quick.md") if args.quick else RESULTS / "quality.md"), text)

@@ -340,9 +340,11 @@ def report(rows: list[dict[str, Any]], shard_mb: int, repeats: int, command: str
         "- *peak RSS during prune*: VmHWM over `prune_checkpoint` alone (reset just before it); *rise above "
         "start*: that peak less the RSS at its start.",
         "- *rise of anon / file-backed RSS*: the peaks of `RssAnon` and `RssFile`, sampled every 10 ms, less "
-        "their values at the start (they need not peak together); file-backed pages are those of the "
-        "memory-mapped source shard read so far (safetensors maps the shard being read, and the pages read "
-        "stay resident until it is closed): clean pages, which the kernel can drop under pressure.", "",
+        "their values at the start (they need not peak together). `prune_checkpoint` reads each source "
+        "tensor into a buffer of its own (no memory map, whose pages read would stay resident until the "
+        "shard is closed: a whole shard, in an earlier version) and gives the freed heap back after each "
+        "shard, so the anonymous rise is about one source tensor and its pruned copy plus the allocator's "
+        "slack.", "",
         f"Checked: at every depth {rows[0]['checked']} tensors of the output equal the source sliced by the "
         f"plan; at {loaded['layers']} layers {loaded['loaded']}.",
     ])

@@ -25,6 +25,7 @@ the plan ``evaluate`` scores lowest is returned.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -36,7 +37,7 @@ from passes.errors import InputError
 from passes.meta import TensorMeta
 
 from .apply import simulate
-from .calibrate import _call, progress_bar
+from .calibrate import _call, progress_bar, recalibrate_batch_norm
 from .costs import CostModel
 from .groups import Analysis
 from .plan import Plan
@@ -91,7 +92,7 @@ def block_importance(
 
 def calibration_loss(model: nn.Module, batches: Iterable[Any], *,
                      loss: Callable[[Any, Any], torch.Tensor] | None = None,
-                     inputs: Callable[[Any], Any] | None = None) -> Callable[[Plan], float]:
+                     inputs: Callable[[Any], Any] | None = None, batch_norm: bool = False) -> Callable[[Plan], float]:
     """``evaluate(plan)``: the mean over ``batches`` of ``loss(simulate(model, plan)(batch), batch)``.
 
     ``loss(output, batch)`` returns a scalar tensor; without it, the output's own ``loss`` is
@@ -99,6 +100,10 @@ def calibration_loss(model: nn.Module, batches: Iterable[Any], *,
     and the batch holds ``labels``, the next-token cross-entropy of its ``logits``. ``inputs(batch)`` picks the model's
     inputs from
     a batch that holds more (labels). Runs under ``torch.no_grad`` in the model's mode.
+    ``batch_norm``: first recompute the simulated model's batch-norm statistics on the batches
+    (:func:`depgraph.recalibrate_batch_norm`), as a pruned model deployed after recalibration
+    runs: without it, a network with batch norms is judged on its unpruned statistics, which
+    favours plans that change them least (removing blocks, a CNN, lost to width-only pruning so).
 
     >>> import torch, depgraph
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
@@ -113,6 +118,8 @@ def calibration_loss(model: nn.Module, batches: Iterable[Any], *,
 
     def evaluate(plan: Plan) -> float:
         masked = simulate(model, plan)
+        if batch_norm:
+            recalibrate_batch_norm(masked, batches, inplace=True, inputs=inputs)
         total = 0.0
         with torch.no_grad():
             for batch in batches:
@@ -136,14 +143,18 @@ def depth_plan(analysis: Analysis, scores: Mapping[int, float], target: tuple[st
     while most < len(order) and getattr(model.without(order[:most + 1]).of(), metric) >= goal:
         most += 1
     counts = sorted({round(most * step / (STEPS - 1)) for step in range(STEPS)}) if most else [0]
-    best: tuple[float, Plan] | None = None
+    best: tuple[float, Plan, list[warnings.WarningMessage]] | None = None
     for k in counts:
-        width = narrow(target, model.without(order[:k]))
+        with warnings.catch_warnings(record=True) as said:  # only the returned plan's warnings are shown
+            warnings.simplefilter("always")
+            width = narrow(target, model.without(order[:k]))
         plan = Plan.from_keep(analysis, width.keep, drop_blocks=order[:k])
         value = evaluate(plan)
         if best is None or value < best[0]:
-            best = (value, plan)
+            best = (value, plan, said)
     assert best is not None
+    for w in best[2]:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return best[1]
 
 

@@ -347,3 +347,22 @@ def test_named_models_without_their_first_and_last_blocks(name: str) -> None:
     pruned, _ = apply_both(model, inputs, Plan.from_keep(a, keep, drop_blocks=[0, len(a.blocks) - 1]), a)
     if name == "mobilenet_v2":  # an inverted residual's forward is x + conv(x): the whole module goes
         assert type(pruned) is type(model) and isinstance(pruned.features[3], nn.Identity)
+
+
+def test_calibration_loss_can_recalibrate_batch_norms_first() -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=4).eval()
+    batches = [torch.randn(4, 3, 32, 32) for _ in range(2)]
+    a = depgraph.analyze(model, batches[0])
+    plan = Plan.from_keep(a, {0: range(32)}, drop_blocks=[1])
+
+    def loss(out: Tensor, _: Tensor) -> Tensor:
+        return out.pow(2).mean()
+
+    recalibrated = depgraph.recalibrate_batch_norm(depgraph.simulate(model, plan), batches)
+    with torch.no_grad():
+        expected = sum(float(loss(recalibrated(b), b)) for b in batches) / 2
+        stale = sum(float(loss(depgraph.simulate(model, plan)(b), b)) for b in batches) / 2
+    assert depgraph.calibration_loss(model, batches, loss=loss, batch_norm=True)(plan) == pytest.approx(expected)
+    assert depgraph.calibration_loss(model, batches, loss=loss)(plan) == pytest.approx(stale)
+    assert expected != pytest.approx(stale)
