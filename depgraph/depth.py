@@ -80,12 +80,12 @@ def block_importance(
         raise InputError("the analysis has no removable blocks (analysis.blocks is empty): nothing to score")
     if kind == "loss":
         batches = list(batches)
-        base = _mean_loss(_copy(analysis), analysis, batches, loss, inputs)
+        base = _mean_loss(_copy(analysis), (analysis.tracer, analysis.keywords), batches, loss, inputs)
         found = {}
         for i in progress_bar(range(len(analysis.blocks)), "block loss", progress, unit="block"):
             runner = _copy(analysis)
             drop_blocks(runner, [analysis.blocks[i]])
-            found[i] = _mean_loss(runner, analysis, batches, loss, inputs) - base
+            found[i] = _mean_loss(runner, (analysis.tracer, analysis.keywords), batches, loss, inputs) - base
         return found
     return _influence(analysis, batches, inputs, progress)
 
@@ -120,12 +120,7 @@ def calibration_loss(model: nn.Module, batches: Iterable[Any], *,
         masked = simulate(model, plan)
         if batch_norm:
             recalibrate_batch_norm(masked, batches, inplace=True, inputs=inputs)
-        total = 0.0
-        with torch.no_grad():
-            for batch in batches:
-                given = _graph_inputs(plan.tracer, plan.keywords, inputs(batch) if inputs else batch)
-                total += float(_loss(_call(masked, given), batch, loss))
-        return total / len(batches)
+        return _mean_loss(masked, (plan.tracer, plan.keywords), batches, loss, inputs)
 
     return evaluate
 
@@ -163,14 +158,16 @@ def _copy(analysis: Analysis) -> fx.GraphModule:
     return fx.GraphModule(analysis.graph, copy.deepcopy(analysis.graph.graph))
 
 
-def _mean_loss(runner: nn.Module, analysis: Analysis, batches: list[Any],
+def _mean_loss(runner: nn.Module, traced: tuple[str, Mapping[str, Any]], batches: list[Any],
                loss: Callable[[Any, Any], torch.Tensor] | None, inputs: Callable[[Any], Any] | None) -> float:
+    """The mean loss of ``runner`` over ``batches``; ``traced``: its tracer and keyword inputs
+    (:func:`_graph_inputs`)."""
     if not batches:
         raise InputError("batches gave no batch: pass an iterable of inputs (tensors, tuples or dicts)")
     total = 0.0
     with torch.no_grad():
         for batch in batches:
-            given = _graph_inputs(analysis.tracer, analysis.keywords, inputs(batch) if inputs else batch)
+            given = _graph_inputs(*traced, inputs(batch) if inputs else batch)
             total += float(_loss(_call(runner, given), batch, loss))
     return total / len(batches)
 
