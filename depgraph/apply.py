@@ -23,7 +23,7 @@ from passes.verify import batch_failure, class_mismatch
 
 from .activations import ActivationStats, compensated_biases, set_biases
 from .analyze import analyze
-from .groups import Analysis
+from .groups import Analysis, Block
 from .plan import Plan
 
 __all__ = ["prune", "simulate", "unsimulate"]
@@ -69,12 +69,13 @@ def prune(
     target, analysis, removed, inputs = _prepare(model, plan, inplace)
     biases = compensated_biases(target, plan, analysis, compensate) if compensate is not None else {}
     drop_cached_tensors(target)  # computed from the old weights
-    paths = live_paths(analysis.graph)
-    erased = drop_blocks(analysis.graph, plan.blocks(analysis))
+    blocks = plan.blocks(analysis)
+    paths = live_paths(analysis.graph) if blocks else {}  # read before the blocks are erased
+    erased = drop_blocks(analysis.graph, blocks)
     before = calls(analysis.graph) if analysis.tracer == "fx" else {}  # what express compares with
     changed = shrink(analysis.graph, analysis.params, analysis.nodes, removed, root=target, literals=analysis.literals,
                      others=analysis.others)
-    whole = _without_blocks(target, analysis, plan, paths, erased)
+    whole = _without_blocks(target, blocks, analysis.graph, paths, erased)
     if whole is None:
         result = analysis.graph
     elif analysis.tracer in ("export", "record"):
@@ -99,17 +100,16 @@ def prune(
     return result
 
 
-def _without_blocks(target: nn.Module, analysis: Analysis, plan: Plan, paths: dict[str, list[str]],
+def _without_blocks(target: nn.Module, blocks: list[Block], graph: fx.GraphModule, paths: dict[str, list[str]],
                     erased: dict[str, fx.Node]) -> list[str] | None:
-    """With the plan's blocks erased from the graph (``erased``; ``paths``: each node's modules
+    """With ``blocks`` erased from ``graph`` (``erased``; ``paths``: each node's modules
     before), their modules deleted from the graph and, where each block lies in a module whose
     whole forward went with it, from ``target``: the modules taken out of ``target`` (see
     :func:`passes.blocks.remove_modules`). None, with a warning, where a removed block shares
     its module's forward with what stays, so the class would still run it: prune returns the graph."""
-    blocks = plan.blocks(analysis)
     if not blocks:
         return []
-    delete_unused(analysis.graph, erased)
+    delete_unused(graph, erased)
     whole = whole_modules(paths, erased)
     loose = [b for b in blocks if not set(paths[b.add]) & set(whole)]
     if loose:

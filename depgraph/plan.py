@@ -227,9 +227,9 @@ class Plan:
 
 def _drops(analysis: Analysis, blocks: Iterable[Any]) -> dict[int, str]:
     """Block index -> output node name, from indices into ``analysis.blocks`` or Blocks."""
-    known = analysis.blocks
-    drop = {}
+    drop: dict[int, str] = {}
     for b in blocks:
+        known = analysis.blocks  # found on first use: only for a plan that removes blocks
         if isinstance(b, Block):
             if b not in known:
                 raise PlanError(f"{b} is not a block of this analysis: pick blocks from analysis.blocks")

@@ -301,6 +301,8 @@ def drop_blocks(gm: fx.GraphModule, blocks: list[Block]) -> dict[str, fx.Node]:
     branch is erased (with the checks that read it and the attributes only it read). Returns
     the erased nodes by name, additions included. A block inside another one dropped too is
     erased with it. The modules and parameters stay (:func:`delete_unused` deletes them)."""
+    if not blocks:
+        return {}
     by_name = {n.name: n for n in gm.graph.nodes}
     live = _live(gm)
     erased: dict[str, fx.Node] = {}
