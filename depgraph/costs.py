@@ -81,9 +81,8 @@ class CostModel:
         (Cost(params=0, macs=0), Cost(params=76, macs=64))
         """
         view = copy.copy(self)
-        names = {n for b in blocks for n in (*b.params, *b.nodes)}
-        view.param_terms = [t for t in self.param_terms if t.node not in names]
-        view.mac_terms = [t for t in self.mac_terms if t.node not in names]
+        blocks = list(blocks)
+        view.param_terms, view.mac_terms = _outside(self.param_terms, blocks), _outside(self.mac_terms, blocks)
         view._by_atom = view._index()
         view.full = self.full or self.of()
         return view
@@ -98,15 +97,14 @@ class CostModel:
             return {g.index: kept.get(g.index, g.size) for g in self.analysis.groups}
         return {g.index: int(plan.get(g.index, g.size)) for g in self.analysis.groups}
 
-    def of(self, plan: Plan | dict[int, int] | None = None, blocks: Iterable[Block] = ()) -> Cost:
+    def of(self, plan: Plan | dict[int, int] | None = None) -> Cost:
         """The cost of the model ``prune(model, plan)`` returns (the model's own without a plan):
-        the removed blocks' parameters and MACs (the plan's, and ``blocks``) not counted."""
+        the parameters and MACs of the blocks the plan removes not counted."""
         kept = self._kept(self.counts(plan))
-        gone = [*(plan.blocks(self.analysis) if isinstance(plan, Plan) else ()), *blocks]
-        names = {n for b in gone for n in (*b.params, *b.nodes)}
+        gone = plan.blocks(self.analysis) if isinstance(plan, Plan) else []
         memo: dict[Expr, int] = {}
-        params = self.fixed_params + sum(term_value(t, kept, memo) for t in self.param_terms if t.node not in names)
-        macs = sum(term_value(t, kept, memo) for t in self.mac_terms if t.node not in names)
+        params = self.fixed_params + sum(term_value(t, kept, memo) for t in _outside(self.param_terms, gone))
+        macs = sum(term_value(t, kept, memo) for t in _outside(self.mac_terms, gone))
         return Cost(params, macs)
 
     def per_unit(self, plan: Plan | dict[int, int] | None = None) -> dict[int, Cost]:
@@ -162,6 +160,14 @@ def _param_terms(analysis: Analysis) -> tuple[list[Term], int]:
         else:
             terms.append(Term(1, axes, names[id(p)][0]))
     return terms, fixed
+
+
+def _outside(terms: list[Term], blocks: list[Block]) -> list[Term]:
+    """The terms not from a node or parameter of ``blocks``."""
+    if not blocks:
+        return terms
+    names = {n for b in blocks for n in (*b.params, *b.nodes)}
+    return [t for t in terms if t.node not in names]
 
 
 def term_value(term: Term, kept: dict[Atom, int], memo: dict[Expr, int]) -> int:
