@@ -159,10 +159,23 @@ def prune_checkpoint(src_dir: str | Path, plan: Plan, out_dir: str | Path, *, an
 
 
 def model_class(transformers: Any, config: Any) -> Any:
-    """The transformers class a config names in ``architectures`` (``AutoModel`` when it names
-    none, or one transformers does not export)."""
+    """The transformers class a config names in ``architectures``: one transformers exports, or
+    one registered with an Auto class for the config's type (``AutoModelForCausalLM.register``);
+    ``AutoModel`` when it names none or one neither knows."""
     architecture = (getattr(config, "architectures", None) or ["AutoModel"])[0]
-    return getattr(transformers, architecture, None) or transformers.AutoModel
+    exported = getattr(transformers, architecture, None)
+    if exported is not None:
+        return exported
+    for name in dir(transformers):
+        mapping = getattr(getattr(transformers, name), "_model_mapping", None) if name.startswith("AutoModel") else None
+        try:
+            registered = mapping[type(config)] if mapping is not None else None
+        except (KeyError, ValueError):
+            continue
+        for cls in registered if isinstance(registered, tuple) else (registered,):
+            if getattr(cls, "__name__", None) == architecture:
+                return cls
+    return transformers.AutoModel
 
 
 def meta_model(src_dir: str | Path) -> nn.Module:
