@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from passes.errors import InputError
+from passes.trace import first_names
 
 from .calibrate import _call, progress_bar
 from .groups import Group
@@ -168,18 +169,23 @@ def activation_importance(
         raise InputError(f"kind must be one of {', '.join(ACTIVATION_KINDS)}, got {kind!r}")
     stats = batches if isinstance(batches, ActivationStats) else activation_stats(
         model, batches, progress=progress, inputs=inputs)
-    params = checked_params(model, stats)
+    params, first = checked_params(model, stats), first_names(model)
     scores = ElementScores()
-    for name, s in stats.items():
-        w = params[name].detach().float()
-        scores[name] = w.abs() * s.rms if kind == "activation" else w.square() * s.var
-        scores.reads[name] = s.dim
+    for name, s in stats.items():  # by the weight's first name: a tied lm_head.weight scores the embedding's
+        w, key = params[name].detach().float(), first[name]
+        score = w.abs() * s.rms if kind == "activation" else w.square() * s.var
+        if key in scores and scores.reads[key] != s.dim:
+            raise InputError(f"{key} is read along dim {scores.reads[key]} by one module and along dim {s.dim} "
+                             f"as {name}: activation scores need one axis of input channels per weight")
+        scores[key] = scores[key] + score if key in scores else score  # each module reading it adds its share
+        scores.reads[key] = s.dim
     return scores
 
 
 def checked_params(model: nn.Module, stats: ActivationStats) -> dict[str, torch.Tensor]:
-    """``model``'s parameters by name, after checking that ``stats`` describes its weights."""
-    params: dict[str, torch.Tensor] = dict(model.named_parameters())
+    """``model``'s parameters by every name (tied aliases too), after checking that ``stats``
+    describes its weights."""
+    params: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
     for name, s in stats.items():
         weight = params.get(name)
         if weight is None or torch.broadcast_shapes(s.mean.shape, weight.shape) != weight.shape:
@@ -247,7 +253,7 @@ def compensated_biases(model: nn.Module, plan: Any, analysis: Any, stats: Activa
     (the removed channels' mean contribution), by layer name; read before pruning. Exact in
     expectation for linear layers; a padded convolution's border positions see fewer terms.
     Transposed convolutions are left out."""
-    params = checked_params(model, stats)
+    params, first = checked_params(model, stats), first_names(model)
     entries = plan.removed_entries(analysis)
     biases = {}
     for name, s in stats.items():
@@ -256,8 +262,8 @@ def compensated_biases(model: nn.Module, plan: Any, analysis: Any, stats: Activa
         if module is None or isinstance(module, nn.modules.conv._ConvTransposeNd):
             continue
         w = params[name].detach()
-        removed_in = entries.get((name, 1), torch.zeros(w.shape[1], dtype=torch.bool))
-        removed_out = entries.get((name, 0), torch.zeros(w.shape[0], dtype=torch.bool))
+        removed_in = entries.get((first[name], 1), torch.zeros(w.shape[1], dtype=torch.bool))
+        removed_out = entries.get((first[name], 0), torch.zeros(w.shape[0], dtype=torch.bool))
         if not removed_in.any():
             continue
         taken = removed_in.nonzero().flatten().to(w.device)

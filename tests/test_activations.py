@@ -87,6 +87,46 @@ def test_bias_compensation_creates_a_bias_and_follows_pruned_outputs() -> None:
     torch.testing.assert_close(pruned[2].bias.detach(), expected[[1, 3]])
 
 
+class _TiedHead(nn.Module):
+    """An embedding whose weight the output layer reads too (``head.weight`` is ``emb.weight``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.fc, self.head = nn.Embedding(10, 6), nn.Linear(6, 6), nn.Linear(6, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        return self.head(h + torch.relu(self.fc(h)))
+
+
+def test_a_tied_weight_is_scored_and_compensated_under_its_first_name() -> None:
+    """The statistics of ``head.weight`` (what the output layer reads) score the tied tensor
+    under the name the analysis gives it, ``emb.weight``, along the hidden axis; compensation
+    of the removed hidden channels reaches the output layer."""
+    torch.manual_seed(4)
+    model = _TiedHead().eval()
+    batches = [torch.randint(0, 10, (4, 5), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    stats = depgraph.activation_stats(model, batches)
+    scores = depgraph.activation_importance(model, stats)
+    assert sorted(scores) == ["emb.weight", "fc.weight"] and scores.reads == {"emb.weight": 1, "fc.weight": 1}
+    torch.testing.assert_close(scores["emb.weight"], model.emb.weight.detach().abs() * stats["head.weight"].rms)
+    a = depgraph.analyze(model, batches[0])
+    hidden = next(g.index for g in a.groups if ("emb.weight", 1) in {(m.name, m.dim) for m in g.members})
+    plan = depgraph.solve(a, {hidden: 0.5}, importance=scores)
+    readers = [m for m in a.groups[hidden].members if (m.name, m.dim) in {("emb.weight", 1), ("fc.weight", 1)}]
+    by_unit = sum(m.unit_sums(scores[m.name]) for m in readers) / 2
+    assert plan.keep[hidden].tolist() == sorted(by_unit.argsort()[3:].tolist())
+    compensated = depgraph.prune(model, plan, compensate=stats)
+    x, removed = torch.cat(batches), sorted(set(range(6)) - set(plan.keep[hidden].tolist()))
+    with torch.no_grad():
+        h = model.emb(x)
+        into_head = h + torch.relu(model.fc(h))
+        shift = model.head.weight[:, removed] @ into_head.reshape(-1, 6)[:, removed].mean(0)
+        torch.testing.assert_close(compensated.head.bias, shift)
+        assert compensated.head.weight is compensated.emb.weight
+
+
 def test_wanda_as_a_callable_matches_the_built_in_criterion() -> None:
     model, x = ZOO["residual"].factory().eval(), ZOO["residual"].example_inputs()
     batches = [tuple(t + 0.1 * i for t in x) for i in range(2)]
