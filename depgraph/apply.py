@@ -80,7 +80,9 @@ def prune(
         result = analysis.graph
     elif analysis.tracer in ("export", "record"):
         # the graph calls no modules: set their attributes from its ops, keep the class if it runs alike
-        result = adopt(target, analysis.graph, analysis.params, analysis.nodes, Sizes(removed), inputs,
+        gone = {p for b in blocks for p in b.params}  # a removed layer's sizes are not the config's to keep
+        params = {p: axes for p, axes in analysis.params.items() if p not in gone}
+        result = adopt(target, analysis.graph, params, analysis.nodes, Sizes(removed), inputs,
                        analysis.tracer == "record")
         if result is analysis.graph:
             warnings.warn(

@@ -1,4 +1,5 @@
-"""Calibration without loading the model: :func:`layerwise_activation_stats`.
+"""Calibration without loading the model: :func:`layerwise_activation_stats` and
+:func:`layerwise_block_influence`.
 
 The statistics of :func:`depgraph.activation_stats` (Wanda-sp's ``activation``, FLAP's
 ``fluctuation``) on a decoder LLM need each layer's inputs, which depend only on the layers
@@ -12,6 +13,10 @@ time, every calibration batch through a stage before the next:
    hidden states with the statistics collected by hooks (:func:`depgraph.activations.recording`),
    keeps its outputs as the next layer's inputs, and is freed;
 3. the final norm and ``lm_head`` run last.
+
+:func:`layerwise_block_influence` runs the same stages and measures, in each decoder layer, the
+stream before and after its attention and its MLP (the input of ``post_attention_layernorm``
+is the stream after the attention), for ShortGPT's Block Influence without loading the model.
 
 Memory: one stage's weights (a decoder layer, or the embedding, or the norm and ``lm_head``)
 and the hidden states of every batch (``batches × batch size × length × hidden size``
@@ -35,10 +40,11 @@ from passes.errors import CheckpointError, InputError
 
 from .activations import ActivationStats, ChannelStats, recording
 from .calibrate import _call, progress_bar
+from .groups import Analysis
 from .ondisk import CheckpointTensors
 from .stream import meta_model
 
-__all__ = ["layerwise_activation_stats", "SUPPORTED"]
+__all__ = ["layerwise_activation_stats", "layerwise_block_influence", "SUPPORTED"]
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 """The model classes :func:`layerwise_activation_stats` runs layer by layer."""
@@ -106,6 +112,86 @@ def layerwise_activation_stats(
             stats.update(_through_layer(stage({f"model.layers.{i}": layers[i]}), hidden, [c[i] for c in calls]))
         stats.update(_through_head(stage({"model.norm": model.model.norm, "lm_head": model.lm_head}), hidden))
     return ActivationStats({name: _on_cpu(s) for name, s in stats.items()})
+
+
+def layerwise_block_influence(
+    src_dir: str | Path, analysis: Analysis, batches: Iterable[Any], *, device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32, progress: bool | None = None, inputs: Callable[[Any], Any] | None = None,
+) -> dict[int, float]:
+    """``depgraph.block_importance(model, analysis, batches)`` (Block Influence) of the model of
+    ``src_dir``, with the weights of one decoder layer in memory at a time.
+
+    ``analysis`` is the analysis of :func:`depgraph.stream.meta_model` of ``src_dir`` (the one the
+    plan is made on); its blocks are each layer's attention and MLP. Scores are keyed by block
+    index, as ``block_importance`` gives them, for ``solve(..., depth=scores)`` or
+    ``Plan.from_keep(..., drop_blocks=...)``; :func:`depgraph.prune_checkpoint` removes whole
+    layers (both of a layer's blocks). Other arguments as for :func:`layerwise_activation_stats`.
+
+    Examples
+    --------
+    >>> import tempfile, torch, transformers, depgraph
+    >>> src = tempfile.mkdtemp()
+    >>> config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+    ...     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    >>> transformers.LlamaForCausalLM(config).save_pretrained(src)
+    >>> meta = depgraph.stream.meta_model(src)
+    >>> a = depgraph.analyze(meta, {"input_ids": torch.zeros(1, 8, dtype=torch.long, device="meta")})
+    >>> scores = layerwise_block_influence(src, a, [torch.randint(0, 64, (2, 8))])
+    >>> sorted(scores) == list(range(len(a.blocks))) == [0, 1, 2, 3]
+    True
+    """
+    model: Any = meta_model(src_dir)
+    _check_supported(model, src_dir)
+    parts = _layer_blocks(analysis, len(model.model.layers))
+    tensors = CheckpointTensors(src_dir, model)
+    device = torch.device(device)
+    stage = partial(_materialized, tensors=tensors, device=device, dtype=dtype)
+    totals = {i: (0.0, 0) for i in parts.values()}
+    with torch.no_grad():
+        hidden, calls = _embedded(model, batches, stage, device, inputs)
+        layers = model.model.layers
+        for i in progress_bar(range(len(layers)), "layers", progress, unit="layer"):
+            found = _influence_in_layer(stage({f"model.layers.{i}": layers[i]}), hidden, [c[i] for c in calls])
+            totals.update({parts[(i, part)]: sums for part, sums in found.items() if (i, part) in parts})
+    return {i: total / max(count, 1) for i, (total, count) in sorted(totals.items())}
+
+
+def _layer_blocks(analysis: Analysis, count: int) -> dict[tuple[int, str], int]:
+    """(decoder layer, "attention" or "mlp") -> the index of that block in ``analysis.blocks``;
+    InputError where a block is neither (the analysis is of another model)."""
+    found = {}
+    for index, block in enumerate(analysis.blocks):
+        layer = block.name.removeprefix("model.layers.")
+        kinds = {m.removeprefix(f"{block.name}.").split(".")[0] for m in block.modules}
+        part = "attention" if "self_attn" in kinds else "mlp" if "mlp" in kinds else None
+        if not (layer.isdigit() and int(layer) < count and part is not None):
+            raise InputError(f"block {block} is not a decoder layer's attention or MLP: pass the analysis of "
+                             "depgraph.stream.meta_model(src_dir), the model the plan is made on")
+        found[(int(layer), part)] = index
+    return found
+
+
+def _influence_in_layer(stage: dict[str, nn.Module], hidden: list[torch.Tensor], calls: list[Call]
+                        ) -> dict[str, tuple[float, int]]:
+    """Σ (1 - cos) over the samples, and their count, of the attention and of the MLP of one
+    decoder layer (the stream before and after each); ``hidden`` becomes its outputs."""
+    (_, layer), = stage.items()
+    middle: list[torch.Tensor] = []
+    hook = layer.post_attention_layernorm.register_forward_pre_hook(lambda _, args: middle.append(args[0].clone()))
+    totals = {"attention": (0.0, 0), "mlp": (0.0, 0)}
+    try:
+        for b, (args, kwargs) in enumerate(calls):
+            middle.clear()
+            out = layer(hidden[b], *args, **kwargs)
+            out = out[0] if isinstance(out, tuple) else out
+            for part, (x, y) in (("attention", (hidden[b], middle[0])), ("mlp", (middle[0], out))):
+                cos = torch.nn.functional.cosine_similarity(x.flatten(1).double(), y.flatten(1).double(), dim=1)
+                total, count = totals[part]
+                totals[part] = (total + float((1 - cos).sum()), count + cos.numel())
+            hidden[b] = out
+    finally:
+        hook.remove()
+    return totals
 
 
 def _check_supported(model: nn.Module, src_dir: str | Path) -> None:

@@ -6,10 +6,14 @@ dimension; so a checkpoint larger than memory is pruned file by file, tensor by 
 1. the model is built on the ``meta`` device from the directory's ``config.json``
    (:func:`meta_model`) and analyzed with the plan's recorded inputs;
 2. the same model is pruned on ``meta`` with the plan, which updates its ``config``; a config
-   that cannot describe the pruned sizes is refused before anything is written;
+   that cannot describe the pruned sizes is refused before anything is written. Where the plan
+   removes whole decoder layers (:mod:`depgraph.depth`), the pruned meta model says where each
+   tensor goes: a removed layer's tensors are left out, later layers' are renamed
+   (``model.layers.5.…`` to ``model.layers.4.…``);
 3. each shard of the source (``model.safetensors`` or the shards an index lists) is written under
    its own name, one tensor at a time: read, ``index_select`` along each pruned dimension, appended
-   to the output file after a header computed from the source header alone;
+   to the output file after a header computed from the source header alone (a shard left with
+   no tensor is not written);
 4. ``config.json``, a new index and the tokenizer and generation files follow.
 
 The plan is solved on the meta model with an importance that reads no weights (``random``) or
@@ -66,13 +70,14 @@ CheckpointError.__module__ = "depgraph.stream"
 
 @dataclass(frozen=True)
 class Piece:
-    """One tensor of a shard: its checkpoint name, safetensors dtype, pruned shape, and the kept
-    indices along each pruned dimension."""
+    """One tensor of a shard: its name in the pruned checkpoint, safetensors dtype, pruned shape,
+    the kept indices along each pruned dimension, and its name in the source checkpoint."""
 
     name: str
     dtype: str
     shape: tuple[int, ...]
     keep: tuple[tuple[int, torch.Tensor], ...]
+    source: str
 
     @property
     def nbytes(self) -> int:
@@ -111,9 +116,12 @@ def prune_checkpoint(src_dir: str | Path, plan: Plan, out_dir: str | Path, *, an
     buffer, not memory-mapped, and the output is written as it is computed), plus the model on
     ``meta``, which holds no weights (``benchmarks/results/stream_memory.md``).
 
-    Refused with :class:`~depgraph.PlanError` before anything is written when the plan does not fit
-    the model or the pruned config cannot describe the pruned sizes (then prune in memory and save
-    the weights with the plan); with :class:`CheckpointError` when ``out_dir`` holds weights written
+    A plan that removes blocks (``Plan.from_keep(..., drop_blocks=...)``) removes whole decoder
+    layers: their tensors are left out, later layers renamed, ``num_hidden_layers`` (and
+    ``layer_types``) follow. Refused with :class:`~depgraph.PlanError` before anything is written
+    when the plan does not fit the model, the pruned config cannot describe the pruned sizes (then
+    prune in memory and save the weights with the plan), or a removed block is only part of a
+    layer (an attention without its MLP: no config describes that layer); with :class:`CheckpointError` when ``out_dir`` holds weights written
     with another plan (or not by this function), or its disk lacks the room for the output.
     A rerun with the same plan skips the shards already complete (a crash leaves at most a
     ``*.partial`` file). ``progress``: a tqdm bar per shard (None: when stderr is a terminal).
@@ -136,12 +144,10 @@ def prune_checkpoint(src_dir: str | Path, plan: Plan, out_dir: str | Path, *, an
     model = meta_model(src)
     analysis = analysis if analysis is not None else _analysis(model, plan)
     plan.check(analysis)
-    if plan.drop:
-        raise PlanError("this plan removes blocks, which streaming does not do yet (later layers would be renamed): "
-                        "prune the model in memory (depgraph.prune) and save it, or remove only units")
     kept = _kept(plan, analysis, model)
-    config = _pruned_config(model, plan)
-    shards = _layout(src, _names(model), kept, model.state_dict())
+    names = _names(model)
+    config, renamed = _pruned_config(model, plan, analysis)
+    shards = [s for s in _layout(src, names, renamed, kept, model.state_dict()) if s.pieces]
     digest = plan_digest(plan)
     todo = [s for s in shards if not _finished(out / s.file, s, digest)]
     _claim(src, out, digest)
@@ -216,9 +222,12 @@ def weights_on_disk(src_dir: str | Path) -> bool:
 
 
 def plan_digest(plan: Plan) -> str:
-    """A digest of what a plan keeps (and of the analysis it was made for)."""
+    """A digest of what a plan keeps and removes (and of the analysis it was made for)."""
     kept = {str(i): plan.keep[i].tolist() for i in sorted(plan.keep)}
-    text = json.dumps([plan.fingerprint, kept, {str(i): plan.sizes[i] for i in sorted(plan.sizes)}])
+    parts: list[Any] = [plan.fingerprint, kept, {str(i): plan.sizes[i] for i in sorted(plan.sizes)}]
+    if plan.drop:  # a plan without blocks keeps the digest it had before plans could remove them
+        parts.append({str(i): plan.drop[i] for i in sorted(plan.drop)})
+    text = json.dumps(parts)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -240,13 +249,28 @@ def _kept(plan: Plan, analysis: Analysis, model: nn.Module) -> dict[str, tuple[t
     return {name: tuple(dims) for name, dims in kept.items()}
 
 
-def _pruned_config(model: nn.Module, plan: Plan) -> Any:
-    """The config of ``model`` pruned by ``plan`` (on meta, in place); PlanError where it cannot
-    describe the pruned sizes, as ``from_pretrained`` could not rebuild the checkpoint then."""
+def _pruned_config(model: nn.Module, plan: Plan, analysis: Analysis) -> tuple[Any, dict[str, str | None]]:
+    """The config of ``model`` pruned by ``plan`` (on meta, in place), and where each of the
+    model's tensor names goes (:func:`_renamed`); PlanError where the config cannot describe the
+    pruned sizes, as ``from_pretrained`` could not rebuild the checkpoint then."""
     before = copy.deepcopy(model.config)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    tensors = list(first_names(model))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the class-or-graph choice does not matter here: only the config
         prune(model, plan, inplace=True, check=False)
+    renamed = _renamed(model, modules, tensors)
+    if any(renamed.get(p) is not None for b in plan.blocks(analysis) for p in b.params):  # the module still runs it
+        raise PlanError(
+            f"this plan removes blocks that are only part of a layer of {type(model).__name__} (e.g. an attention "
+            "whose MLP stays): no config describes such a layer, so the checkpoint cannot be written. Remove every "
+            "block of a layer (its attention and its MLP), or prune in memory (depgraph.prune) and save the graph"
+        )
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    if prefix != ".":  # a checkpoint of the base model: names without its prefix, as _names reads them
+        renamed.update({n.removeprefix(prefix): new.removeprefix(prefix) if new is not None else None
+                        for n, new in list(renamed.items()) if n.startswith(prefix) and n.removeprefix(prefix)
+                        not in renamed})
     problems = [d for _, _, differ in undescribed(model) for d in differ]
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
@@ -256,7 +280,23 @@ def _pruned_config(model: nn.Module, plan: Plan) -> Any:
             "every layer (or use a transformers whose model classes read per_layer_config), or prune in memory "
             "(depgraph.prune) and save the weights with the plan"
         )
-    return model.config
+    return model.config, renamed
+
+
+def _renamed(pruned: nn.Module, modules: dict[str, nn.Module], tensors: list[str]) -> dict[str, str | None]:
+    """Each tensor name of the model before pruning (``tensors``; ``modules``: its modules by
+    name) -> the name of that tensor in ``pruned``, by its module, which pruning in place keeps
+    (renamed where a list of layers lost some); None where its module was removed."""
+    now = {id(m): name for name, m in pruned.named_modules(remove_duplicate=False)}
+    renamed: dict[str, str | None] = {}
+    for name in tensors:
+        owner, _, attribute = name.rpartition(".")
+        path = now.get(id(modules[owner]))
+        renamed[name] = None if path is None else f"{path}.{attribute}" if path else attribute
+    if set(renamed.values()) - {None} != set(first_names(pruned)):
+        raise PlanError(f"the pruned {type(pruned).__name__} holds tensors the source does not: its modules were "
+                        "replaced, not only removed, so the checkpoint cannot be streamed; prune in memory")
+    return renamed
 
 
 def _names(model: nn.Module) -> dict[str, str]:
@@ -272,16 +312,18 @@ def _names(model: nn.Module) -> dict[str, str]:
 # -- the source layout ------------------------------------------------------------
 
 
-def _layout(src: Path, names: dict[str, str], kept: dict[str, Any], pruned: dict[str, torch.Tensor]) -> list[Shard]:
-    """Each source shard's tensors with their pruned shapes, from the headers alone; PlanError
-    where a shape differs from the pruned meta model's (``pruned``, its state dict)."""
+def _layout(src: Path, names: dict[str, str], renamed: dict[str, str | None], kept: dict[str, Any],
+            pruned: dict[str, torch.Tensor]) -> list[Shard]:
+    """Each source shard's tensors with their pruned names and shapes, from the headers alone
+    (a removed layer's left out); PlanError where a shape differs from the pruned meta model's
+    (``pruned``, its state dict)."""
     from safetensors import safe_open
 
     shards = []
     for file in _shard_files(src):
         with safe_open(str(src / file), framework="pt") as f:
-            pieces = tuple(_piece(name, f.get_slice(name), names, kept, pruned) for name in f.keys())
-            shards.append(Shard(file, pieces, dict(f.metadata() or {"format": "pt"})))
+            pieces = (_piece(name, f.get_slice(name), names, renamed, kept, pruned) for name in f.keys())
+            shards.append(Shard(file, tuple(p for p in pieces if p is not None), dict(f.metadata() or {"format": "pt"})))
     return shards
 
 
@@ -302,20 +344,25 @@ def _shard_files(src: Path) -> list[str]:
     return files
 
 
-def _piece(name: str, view: Any, names: dict[str, str], kept: dict[str, Any], pruned: dict[str, torch.Tensor]
-           ) -> Piece:
+def _piece(name: str, view: Any, names: dict[str, str], renamed: dict[str, str | None], kept: dict[str, Any],
+           pruned: dict[str, torch.Tensor]) -> Piece | None:
+    """The tensor ``name`` of the source as the pruned checkpoint holds it; None where it goes
+    with a removed block. ``names``: checkpoint name -> the model's first name for its tensor."""
     dtype, shape = view.get_dtype(), list(view.get_shape())
     if dtype not in ITEMSIZE:
         raise CheckpointError(f"tensor {name} has dtype {dtype}, which depgraph cannot size")
     model_name = names.get(name)
+    out = renamed.get(name, name)  # a name the model does not know is kept
+    if out is None:
+        return None
     keep = kept.get(model_name, ()) if model_name is not None else ()
     for dim, indices in keep:
         shape[dim] = len(indices)
-    expected = pruned.get(model_name) if model_name is not None else None
+    expected = pruned.get(renamed.get(model_name) or "") if model_name is not None else None
     if expected is not None and tuple(expected.shape) != tuple(shape):
         raise PlanError(f"{name} would be written with shape {tuple(shape)}, but the pruned model has "
                         f"{tuple(expected.shape)}: the checkpoint does not match its config")
-    return Piece(name, dtype, tuple(shape), keep)
+    return Piece(out, dtype, tuple(shape), keep, name)
 
 
 # -- the output directory -----------------------------------------------------------
@@ -385,7 +432,7 @@ def _write_shard(source: Path, target: Path, shard: Shard, digest: str, progress
     with source.open("rb", buffering=0) as f, partial.open("wb") as handle:
         handle.write(_header(shard, {**shard.metadata, PLAN_KEY: digest}))
         for piece in progress_bar(shard.pieces, shard.file, progress, unit="tensor"):
-            tensor = _sliced(_read(f, start, entries[piece.name]), piece.keep).contiguous()
+            tensor = _sliced(_read(f, start, entries[piece.source]), piece.keep).contiguous()
             if tuple(tensor.shape) != piece.shape:
                 raise CheckpointError(f"{source}: {piece.name} has shape {tuple(tensor.shape)}, its header said "
                                       f"{piece.shape}")

@@ -9,6 +9,8 @@ an analysis of the pruned model), and the caller's model is unchanged.
 
 from __future__ import annotations
 
+import json
+import os
 import warnings
 
 import pytest
@@ -162,6 +164,21 @@ def test_llama_layer_removed_keeps_the_class_generates_and_reloads(tmp_path: obj
     torch.testing.assert_close(reloaded(**inputs).logits, pruned(**inputs).logits)
 
 
+def test_a_removed_layers_own_sizes_do_not_hold_the_config_back() -> None:
+    """Layer 1 removed, layers 0 and 2 narrowed alike: the removed layer's MLP (still 48 wide in
+    the analysis) does not keep ``intermediate_size`` at 48, so the pruned class is rebuilt from
+    its config."""
+    model = tiny_llama(layers=3)
+    inputs = {"input_ids": torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(1))}
+    a = depgraph.analyze(model, inputs)
+    mlp = {g.index: range(0, 48, 2) for g in a.groups for i in (0, 2)
+           if (f"model.layers.{i}.mlp.gate_proj.weight", 0) in [(m.name, m.dim) for m in g.members]}
+    pruned, said = apply_both(model, inputs, Plan.from_keep(a, mlp, drop_blocks=[2, 3]), a)
+    assert said == [] and type(pruned) is type(model) and pruned.config.intermediate_size == 24
+    rebuilt = type(model)(pruned.config)
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in pruned.state_dict().items()}
+
+
 def test_llama_attention_alone_gives_the_graph() -> None:
     model = tiny_llama(layers=2)
     inputs = {"input_ids": torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(1))}
@@ -305,14 +322,35 @@ def test_composed_plans_carry_removed_blocks() -> None:
     torch.testing.assert_close(depgraph.prune(model, both)(x), depgraph.prune(small, second)(x))
 
 
-def test_streaming_refuses_a_plan_that_removes_blocks(tmp_path: object) -> None:
-    model = tiny_llama(layers=2)
-    model.save_pretrained(f"{tmp_path}/src")
-    meta = depgraph.stream.meta_model(f"{tmp_path}/src")
+def test_streaming_removes_whole_layers_and_renames_the_later_ones(tmp_path: object) -> None:
+    """Layer 1 of 3 removed (attention and MLP) and the other layers' MLPs narrowed, by streaming a sharded
+    checkpoint: no tensor of the removed layer is written, layer 2's are named layer 1, and
+    ``from_pretrained`` gives what pruning the loaded model in memory gives. A plan removing an
+    attention alone is refused before anything is written (no config describes that layer)."""
+    transformers = pytest.importorskip("transformers")
+    src, out = f"{tmp_path}/src", f"{tmp_path}/out"
+    tiny_llama(layers=3).save_pretrained(src, max_shard_size="20KB")
+    meta = depgraph.stream.meta_model(src)
     a = depgraph.analyze(meta, {"input_ids": torch.zeros(1, 8, dtype=torch.long, device="meta")})
-    with pytest.raises(PlanError, match="removes blocks, which streaming does not do yet"):
-        depgraph.prune_checkpoint(f"{tmp_path}/src", Plan.from_keep(a, {}, drop_blocks=[1]), f"{tmp_path}/out",
-                                  analysis=a)
+    mlp = {g.index: range(0, 48, 2) for g in a.groups for i in (0, 2)
+           if (f"model.layers.{i}.mlp.gate_proj.weight", 0) in [(m.name, m.dim) for m in g.members]}
+    plan = Plan.from_keep(a, mlp, drop_blocks=[2, 3])  # the layers left alike: the config describes them
+    with pytest.raises(PlanError, match="only part of a layer"):
+        depgraph.prune_checkpoint(src, Plan.from_keep(a, {}, drop_blocks=[2]), out, analysis=a)
+    assert not os.path.exists(out)
+    depgraph.prune_checkpoint(src, plan, out, analysis=a)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert reloaded.config.num_hidden_layers == 2 and reloaded.model.layers[1].mlp.gate_proj.out_features == 24
+    with open(f"{out}/model.safetensors.index.json") as f:
+        written = json.load(f)["weight_map"]
+    assert not any(".layers.2." in name for name in written)
+    assert sorted(written) == sorted(reloaded.state_dict())
+    expected = depgraph.prune(transformers.AutoModelForCausalLM.from_pretrained(src).eval(), plan)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, expected(ids).logits)
+    # the blocks a plan removes are part of the digest that lets a rerun resume (or refuse)
+    assert depgraph.stream.plan_digest(plan) != depgraph.stream.plan_digest(Plan.from_keep(a, mlp))
 
 
 def test_values_computed_from_the_branch_and_never_used_go_with_it() -> None:

@@ -259,6 +259,47 @@ def test_layer_by_layer_statistics_rank_as_those_of_the_model_in_memory(
                                model, expected, kind=kind_)))
 
 
+class _Residual(torch.nn.Module):
+    """One removable block, ``f``, outside any decoder layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.f(x)
+
+
+@pytest.mark.parametrize("kind, config", [
+    ("Llama", {"num_hidden_layers": 3}),
+    ("Qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}),
+])
+def test_layer_by_layer_block_influence_is_that_of_the_model_in_memory(
+        tmp_path: Path, kind: str, config: dict[str, Any]) -> None:
+    """Each attention's and MLP's Block Influence, one decoder layer in memory at a time, equals
+    ``block_importance`` of the model loaded whole (left-padded batches included); the layers of
+    least influence are then removed by streaming and the result reloads."""
+    src = _checkpoint(tmp_path / "src", kind, "20KB", **config)
+    ones = torch.ones(2, 9, dtype=torch.long)
+    batches = [b if isinstance(b, dict) else {"input_ids": b, "attention_mask": ones} for b in _batches()]
+    model = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
+    loaded = depgraph.analyze(model, {**batches[0], "use_cache": False})
+    expected = depgraph.block_importance(model, loaded, batches)
+    a = _analysis(src)
+    streamed = layerwise.layerwise_block_influence(src, a, batches)
+    assert sorted(streamed) == sorted(expected) == list(range(2 * model.config.num_hidden_layers))
+    assert [b.modules for b in a.blocks] == [b.modules for b in loaded.blocks]
+    for i, value in expected.items():
+        assert streamed[i] == pytest.approx(value, rel=1e-6, abs=1e-9)
+    layer = min(range(model.config.num_hidden_layers), key=lambda i: streamed[2 * i] + streamed[2 * i + 1])
+    out = prune_checkpoint(src, depgraph.Plan.from_keep(a, {}, drop_blocks=[2 * layer, 2 * layer + 1]),
+                           tmp_path / "out", analysis=a)
+    assert transformers.AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == \
+        model.config.num_hidden_layers - 1
+    with pytest.raises(depgraph.InputError, match="is not a decoder layer's attention or MLP"):
+        layerwise.layerwise_block_influence(src, depgraph.analyze(_Residual(), torch.zeros(1, 4)), batches)
+
+
 def test_importance_and_calibration_refuse_what_they_cannot_read(
         llama: tuple[Path, depgraph.Analysis], tmp_path: Path) -> None:
     src, a = llama
