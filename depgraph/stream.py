@@ -121,8 +121,9 @@ def prune_checkpoint(src_dir: str | Path, plan: Plan, out_dir: str | Path, *, an
     ``layer_types``) follow. Refused with :class:`~depgraph.PlanError` before anything is written
     when the plan does not fit the model, the pruned config cannot describe the pruned sizes (then
     prune in memory and save the weights with the plan), or a removed block is only part of a
-    layer (an attention without its MLP: no config describes that layer); with :class:`CheckpointError` when ``out_dir`` holds weights written
-    with another plan (or not by this function), or its disk lacks the room for the output.
+    layer (an attention without its MLP: no config describes that layer); with
+    :class:`CheckpointError` when ``out_dir`` holds weights written with another plan (or not by
+    this function), or its disk lacks the room for the output.
     A rerun with the same plan skips the shards already complete (a crash leaves at most a
     ``*.partial`` file). ``progress``: a tqdm bar per shard (None: when stderr is a terminal).
 
@@ -323,7 +324,8 @@ def _layout(src: Path, names: dict[str, str], renamed: dict[str, str | None], ke
     for file in _shard_files(src):
         with safe_open(str(src / file), framework="pt") as f:
             pieces = (_piece(name, f.get_slice(name), names, renamed, kept, pruned) for name in f.keys())
-            shards.append(Shard(file, tuple(p for p in pieces if p is not None), dict(f.metadata() or {"format": "pt"})))
+            kept_pieces = tuple(p for p in pieces if p is not None)
+            shards.append(Shard(file, kept_pieces, dict(f.metadata() or {"format": "pt"})))
     return shards
 
 
