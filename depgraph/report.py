@@ -6,7 +6,9 @@ laid out in layers by dagre, the layered layout Netron and TensorBoard's graph v
 node is coloured by a group its output belongs to; clicking a group shows its members, size,
 the units a plan keeps and what one unit costs; pinned atoms are listed with their reasons,
 unsupported ops are drawn with a red border. A bar per layer shows the channels a plan keeps
-and removes, and a table the parameters and MACs before and after the plan.
+and removes (all of them where the layer goes with a removed block), and a table the parameters
+and MACs before and after the plan; the blocks a plan removes are listed and their nodes drawn
+grey with a dotted border.
 
 Repeated layers are drawn once: consecutive instances of a module list (``layer1.1``,
 ``layer1.2``; ``model.layers.0`` ... ``model.layers.79``) whose nodes match op for op and shape
@@ -113,6 +115,7 @@ def report_data(analysis: Analysis, plan: Plan | None = None, *, title: str | No
         "unsupported": [{"op": str(u.op), "node": u.node, "reason": u.reason, "shown": view.shown.get(u.node)}
                         for u in analysis.unsupported],
         "layers": _layers(analysis, plan),
+        "removed_blocks": _removed_blocks(analysis, plan, view),
         "cost": {"before": {"params": before.params, "macs": before.macs},
                  "after": None if after is None else {"params": after.params, "macs": after.macs}},
         "notes": list(analysis.notes),
@@ -352,6 +355,7 @@ def _place_in_rows(view: _View) -> None:
 def _groups(analysis: Analysis, plan: Plan | None, view: _View, costs: CostModel) -> list[dict[str, Any]]:
     per_unit = costs.per_unit(plan)
     kept = costs.counts(plan) if plan is not None else {}
+    gone = _gone(analysis, plan)
     rows = []
     for g in analysis.groups:
         touched = [n for n in view.touches.get(g.index, ()) if n in view.shown]
@@ -361,6 +365,7 @@ def _groups(analysis: Analysis, plan: Plan | None, view: _View, costs: CostModel
             "index": g.index, "size": g.size, "kept": kept.get(g.index), "min_keep": g.min_keep,
             "members": [[m.name, m.dim] for m in g.members], "layers": g.layers, "nodes": sorted(shown),
             "instance": instances.pop() if len(instances) == 1 else None,
+            "with_block": bool(gone) and all(m.name in gone for m in g.members),
             "per_unit": {"params": per_unit[g.index].params, "macs": per_unit[g.index].macs},
         })
     return rows
@@ -381,6 +386,7 @@ def _layers(analysis: Analysis, plan: Plan | None) -> list[dict[str, Any]]:
         for m in g.members:
             axes[m.name].add(m.dim)
     removed = plan.removed_entries(analysis) if plan is not None else {}
+    gone = _gone(analysis, plan)
     layers: dict[str, dict[str, Any]] = {}
     for name in analysis.params:
         module = name.rpartition(".")[0]
@@ -388,10 +394,25 @@ def _layers(analysis: Analysis, plan: Plan | None) -> list[dict[str, Any]]:
             continue
         dim = min(axes[name])
         mask = removed.get((name, dim))
-        layers[module] = {"name": module or name, "param": name, "dim": dim,
-                          "total": int(analysis.params[name][dim].size),
-                          "removed": 0 if mask is None else int(mask.sum())}
+        total = int(analysis.params[name][dim].size)
+        layers[module] = {"name": module or name, "param": name, "dim": dim, "total": total,
+                          "removed": total if name in gone else 0 if mask is None else int(mask.sum()),
+                          "with_block": name in gone}
     return list(layers.values())
+
+
+def _gone(analysis: Analysis, plan: Plan | None) -> set[str]:
+    """The parameters that go with the blocks ``plan`` removes."""
+    return {p for b in plan.blocks(analysis) for p in b.params} if plan is not None else set()
+
+
+def _removed_blocks(analysis: Analysis, plan: Plan | None, view: _View) -> list[dict[str, Any]]:
+    """The blocks ``plan`` removes: each one's description and its drawn nodes (those drawn as
+    themselves: a block in a collapsed run of repeated layers is listed, not drawn)."""
+    blocks = plan.blocks(analysis) if plan is not None else []
+    return [{"name": str(b), "modules": list(b.modules),
+             "nodes": sorted({view.shown[n] for n in b.nodes if n in view.shown and n not in view.instance})}
+            for b in blocks]
 
 
 # -- the page -------------------------------------------------------------------------

@@ -86,6 +86,46 @@ def test_without_a_plan_every_unit_is_kept() -> None:
     assert {layer["removed"] for layer in data["layers"]} == {0}
 
 
+class _Residuals(nn.Module):
+    """Three removable branches on one stream, under names that are not repeated layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(4, 8)
+        self.first, self.second, self.third = (nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 8))
+                                               for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        for branch in (self.first, self.second, self.third):
+            h = h + branch(h)
+        return h
+
+
+def test_a_plan_s_removed_blocks_are_listed_drawn_and_their_layers_emptied(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    a = depgraph.analyze(_Residuals(), torch.zeros(1, 4))
+    second = next(i for i, b in enumerate(a.blocks) if b.name == "second")
+    plan = depgraph.Plan.from_keep(a, {}, drop_blocks=[second])
+    data = report_data(a, plan)
+    block = a.blocks[second]
+    assert [b["name"] for b in data["removed_blocks"]] == [str(block)] and "second" in str(block)
+    drawn = {n["name"]: i for i, n in enumerate(data["nodes"])}
+    assert data["removed_blocks"][0]["nodes"] == sorted(drawn[n] for n in block.nodes if n in drawn)
+    assert len(data["removed_blocks"][0]["nodes"]) >= 2  # both linear layers at least
+    rows = {layer["name"]: (layer["removed"], layer["total"], layer["with_block"]) for layer in data["layers"]}
+    assert rows["second.0"] == (6, 6, True) and rows["first.0"] == (0, 6, False)
+    assert data["cost"]["after"]["params"] == depgraph.cost(a, plan).params < depgraph.cost(a).params
+    inside = [all(m.name.startswith("second.") for m in g.members) for g in a.groups]
+    assert [g["with_block"] for g in data["groups"]] == inside and any(inside)
+    assert report_data(a)["removed_blocks"] == []
+    if CHROMIUM is not None:
+        page = depgraph.report(a, tmp_path / "r.html", plan)
+        dom = browse(page, tmp_path / "profile", "--dump-dom")
+        assert 'data-ready="true"' in dom and dom.count('class="removed-block"') == 1
+        assert dom.count('class="bar-count">removed with its block<') == 2 and "the plan removes 1 blocks" in dom
+
+
 def test_the_file_loads_nothing_from_the_network(tmp_path: Path) -> None:
     a, plan = _stack()
     html = depgraph.report(a, tmp_path / "r.html", plan).read_text()

@@ -47,6 +47,7 @@
       data.groups.length + " groups, " + data.pinned.length + " pinned axes, " + data.unsupported.length +
       " unsupported ops; tracer " + data.tracer + "; " + drawn + " nodes drawn of " + data.traced_nodes +
       (blocks ? " (" + blocks + " runs of repeated layers drawn once)" : "") +
+      (data.removed_blocks.length ? "; the plan removes " + data.removed_blocks.length + " blocks" : "") +
       (data.layout === "rows" ? "; placed in rows (graph too large for dagre)" : "");
   }
 
@@ -217,7 +218,8 @@
       li.title = g.layers.join(", ");
       li.appendChild(swatch(g.index));
       li.appendChild(el("b", "group " + g.index));
-      li.appendChild(el("span", " " + (g.kept === null ? g.size : g.kept + "/" + g.size) + " units · "));
+      li.appendChild(el("span", " " + (g.with_block ? "removed with its block"
+        : (g.kept === null ? g.size : g.kept + "/" + g.size) + " units") + " · "));
       li.appendChild(el("span", g.layers.slice(0, 3).join(", ") + (g.layers.length > 3 ? ", …" : ""), "muted"));
       li.addEventListener("click", function () { pickGroup(g.index, true); });
       list.appendChild(li);
@@ -283,6 +285,7 @@
 
   function layerBars() {
     var box = document.getElementById("layers"), removed = 0, total = 0;
+    data.removed_blocks.forEach(function (b) { box.appendChild(el("p", "removed block " + b.name, "removed-block")); });
     data.layers.forEach(function (layer) {
       var row = el("div", null, "bar-row"), bar = el("span", null, "bar");
       var kept = el("span", null, "kept"), gone = el("span", null, "removed");
@@ -294,7 +297,8 @@
       bar.appendChild(kept);
       bar.appendChild(gone);
       row.appendChild(bar);
-      row.appendChild(el("span", number(left) + " / " + number(layer.total) + (layer.removed ? " (−" + number(layer.removed) + ")" : ""), "bar-count"));
+      row.appendChild(el("span", layer.with_block ? "removed with its block"
+        : number(left) + " / " + number(layer.total) + (layer.removed ? " (−" + number(layer.removed) + ")" : ""), "bar-count"));
       box.appendChild(row);
       removed += layer.removed;
       total += layer.total;
@@ -324,12 +328,14 @@
   }
 
   function elements() {
-    var out = [], rows = data.layout === "rows";
+    var out = [], rows = data.layout === "rows", dropped = {};
+    data.removed_blocks.forEach(function (b) { b.nodes.forEach(function (i) { dropped[i] = true; }); });
     data.blocks.forEach(function (b) { out.push({ group: "nodes", data: { id: "b" + b.id, label: b.label }, classes: "block" }); });
     data.nodes.forEach(function (n, i) {
       var e = { group: "nodes", data: { id: "n" + i, label: lazy ? "" : label(n), colour: colour(n.colour) } };
       if (n.block !== null) e.data.parent = "b" + n.block;
       if (n.unsupported) e.classes = "unsupported";
+      if (dropped[i]) e.classes = (e.classes ? e.classes + " " : "") + "dropped";
       if (rows) e.position = { x: (n.column - (n.width - 1) / 2) * ROW_X, y: n.row * ROW_Y };
       out.push(e);
     });
@@ -346,6 +352,8 @@
         "border-color": "#6a5acd", "border-width": 2, "text-valign": "top", "font-size": 14, "font-weight": "bold",
         color: "#4b3ca8", padding: 14 } },
       { selector: "node.unsupported", style: { "border-color": "#d00000", "border-width": 5 } },
+      { selector: "node.dropped", style: { "background-color": "#d9d9d9", "border-style": "dotted", "border-width": 3,
+        color: "#777" } },
       { selector: "edge", style: { width: 1.2, "line-color": "#999", "target-arrow-color": "#999",
         "target-arrow-shape": large ? "none" : "triangle", "arrow-scale": 0.7, "curve-style": large ? "haystack" : "bezier" } },
       { selector: ".faded", style: { opacity: 0.13 } },
@@ -414,7 +422,8 @@
     document.getElementById("fit").addEventListener("click", function () { cy.fit(undefined, 20); });
     document.getElementById("clear").addEventListener("click", clearMarks);
     document.getElementById("legend").textContent = "colour: a group of the node's output · red border: " +
-      "unsupported op" + (data.blocks.length ? " · dashed box: repeated layers, drawn once (click it)" : "");
+      "unsupported op" + (data.blocks.length ? " · dashed box: repeated layers, drawn once (click it)" : "") +
+      (data.removed_blocks.length ? " · grey, dotted: removed with a block" : "");
   }
 
   summary();
