@@ -124,11 +124,12 @@ def _layerwise(base: str) -> tuple[type, type]:
     return config_class, causal_class
 
 
-def _build(base: str, layerwise: bool = False) -> nn.Module:
+def _build(base: str, layerwise: bool = False, layers: int = 2) -> nn.Module:
     config_class, causal_class = (_layerwise(base) if layerwise else
                                   (getattr(transformers, f"{base}Config"), getattr(transformers, f"{base}ForCausalLM")))
     torch.manual_seed(0)
-    return causal_class._from_config(config_class(**SMALL), attn_implementation="eager").eval()
+    config = config_class(**{**SMALL, "num_hidden_layers": layers})
+    return causal_class._from_config(config, attn_implementation="eager").eval()
 
 
 def _group(a: Analysis, *members: tuple[str, int]) -> int:
@@ -207,6 +208,24 @@ def test_layers_pruned_apart_are_written_per_layer_and_rebuilt_by_from_pretraine
     assert _layer(pruned.config, 0).num_key_value_heads == 1
     assert pruned.model.layers[0].self_attn.k_proj.weight.shape == (8, 32)
     _assert_rebuilt(pruned, tmp_path)
+
+
+@needs_per_layer
+def test_removing_a_layer_renumbers_the_per_layer_sizes_of_the_layers_left(tmp_path: Path) -> None:
+    """A model whose config has per-layer sizes (pruned apart once, reloaded) loses layer 0, then
+    layers 0 and 1: the layers left keep their own sizes, and the class rebuilds the result from
+    its config."""
+    model = _build("Llama", layerwise=True, layers=3)
+    reloaded = _assert_rebuilt(depgraph.prune(model, _apart(model)), tmp_path / "apart")
+    assert json.loads(reloaded.config.to_json_string())["per_layer_config"] == APART
+    b = depgraph.analyze(reloaded, KEYWORDS, tracer="export")
+    for gone, left in (("0", [(40, 16), (48, 16)]), ("01", [(48, 16)])):
+        blocks = [i for i, block in enumerate(b.blocks) if block.name[-1] in gone]
+        shallow = depgraph.prune(reloaded, Plan.from_keep(b, {}, drop_blocks=blocks))
+        assert type(shallow) is type(model) and shallow.config.num_hidden_layers == len(left)
+        assert [(layer.mlp.gate_proj.out_features, layer.self_attn.k_proj.out_features)
+                for layer in shallow.model.layers] == left
+        _assert_rebuilt(shallow, tmp_path / f"without-{gone}")
 
 
 @needs_per_layer
