@@ -2,9 +2,10 @@
 
 ``solve`` reads weights from ``analysis.model``; a model built on ``meta``
 (:func:`depgraph.stream.meta_model`) has none. :class:`CheckpointTensors` maps each parameter
-name of that model to its tensor in the directory's safetensors files, read from the
-memory-mapped file when asked for and not kept; :func:`checkpoint_importance` is an importance
-callable for ``solve`` that scores a group member by member from it. Memory: one tensor (and
+name of that model to its tensor in the directory's safetensors files, read from the file
+into memory of its own when asked for (as :func:`depgraph.prune_checkpoint` reads) and not
+kept; :func:`checkpoint_importance` is an importance callable for ``solve`` that scores a
+group member by member from it. Memory: one tensor (and
 its per-entry scores) at a time, whatever the group: the hidden stream of an LLM, whose
 members are nearly all of its weights, is scored without loading them together.
 
@@ -29,7 +30,7 @@ from passes.errors import CheckpointError, InputError
 from .activations import ACTIVATION_KINDS, ActivationStats
 from .groups import Group, Member
 from .importance import AGGREGATES, _member_scores, describe
-from .stream import _names, _shard_files, meta_model
+from .stream import _names, _read, _shard_files, _source_header, meta_model
 
 __all__ = ["CheckpointTensors", "CheckpointImportance", "checkpoint_importance", "STREAMED_CRITERIA"]
 
@@ -40,8 +41,9 @@ STREAMED_CRITERIA = ("l1", "l2", *ACTIVATION_KINDS)
 class CheckpointTensors(Mapping[str, torch.Tensor]):
     """The tensors of a safetensors checkpoint directory by the name of the parameter or buffer
     of ``model`` they hold (its first name, as ``named_parameters()`` gives it: a tied alias
-    such as ``lm_head.weight`` maps to the tensor it shares), each read from its memory-mapped
-    file when asked for: nothing is cached, so holding one tensor costs one tensor.
+    such as ``lm_head.weight`` maps to the tensor it shares), each read from its file when asked
+    for (not memory-mapped: nothing stays resident): nothing is cached, so holding one tensor
+    costs one tensor.
 
     ``model`` is the model the names come from (``meta_model(src_dir)`` when None).
 
@@ -58,24 +60,21 @@ class CheckpointTensors(Mapping[str, torch.Tensor]):
     """
 
     def __init__(self, src_dir: str | Path, model: nn.Module | None = None) -> None:
-        from safetensors import safe_open
-
         self.src = Path(src_dir)
         names = _names(model if model is not None else meta_model(self.src))
         self._first = names
+        self._headers = {file: _source_header(self.src / file) for file in _shard_files(self.src)}
         self._where: dict[str, tuple[str, str]] = {}
-        for file in _shard_files(self.src):
-            with safe_open(str(self.src / file), framework="pt") as f:
-                for key in f.keys():
-                    if key in names:
-                        self._where.setdefault(names[key], (file, key))
+        for file, (_, entries) in self._headers.items():
+            for key in entries:
+                if key in names:
+                    self._where.setdefault(names[key], (file, key))
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
         file, key = self._where[name]
-        with safe_open(str(self.src / file), framework="pt") as f:
-            return f.get_tensor(key)
+        start, entries = self._headers[file]
+        with (self.src / file).open("rb", buffering=0) as f:
+            return _read(f, start, entries[key])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
