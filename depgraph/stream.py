@@ -318,14 +318,13 @@ def _layout(src: Path, names: dict[str, str], renamed: dict[str, str | None], ke
     """Each source shard's tensors with their pruned names and shapes, from the headers alone
     (a removed layer's left out); PlanError where a shape differs from the pruned meta model's
     (``pruned``, its state dict)."""
-    from safetensors import safe_open
-
     shards = []
     for file in _shard_files(src):
-        with safe_open(str(src / file), framework="pt") as f:
-            pieces = (_piece(name, f.get_slice(name), names, renamed, kept, pruned) for name in f.keys())
-            kept_pieces = tuple(p for p in pieces if p is not None)
-            shards.append(Shard(file, kept_pieces, dict(f.metadata() or {"format": "pt"})))
+        _, entries = _source_header(src / file)
+        metadata = entries.pop("__metadata__", None) or {"format": "pt"}
+        in_file_order = sorted(entries, key=lambda name: entries[name]["data_offsets"][0])  # read front to back
+        pieces = (_piece(name, entries[name], names, renamed, kept, pruned) for name in in_file_order)
+        shards.append(Shard(file, tuple(p for p in pieces if p is not None), dict(metadata)))
     return shards
 
 
@@ -346,11 +345,12 @@ def _shard_files(src: Path) -> list[str]:
     return files
 
 
-def _piece(name: str, view: Any, names: dict[str, str], renamed: dict[str, str | None], kept: dict[str, Any],
-           pruned: dict[str, torch.Tensor]) -> Piece | None:
-    """The tensor ``name`` of the source as the pruned checkpoint holds it; None where it goes
-    with a removed block. ``names``: checkpoint name -> the model's first name for its tensor."""
-    dtype, shape = view.get_dtype(), list(view.get_shape())
+def _piece(name: str, entry: dict[str, Any], names: dict[str, str], renamed: dict[str, str | None],
+           kept: dict[str, Any], pruned: dict[str, torch.Tensor]) -> Piece | None:
+    """The tensor ``name`` of the source (``entry``: its header entry) as the pruned checkpoint
+    holds it; None where it goes with a removed block. ``names``: checkpoint name -> the model's
+    first name for its tensor."""
+    dtype, shape = entry["dtype"], list(entry["shape"])
     if dtype not in ITEMSIZE:
         raise CheckpointError(f"tensor {name} has dtype {dtype}, which depgraph cannot size")
     model_name = names.get(name)
@@ -383,29 +383,25 @@ def _claim(src: Path, out: Path, digest: str) -> None:
 
 
 def _metadata(file: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(file), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except Exception:  # noqa: BLE001 -- an unreadable file is not ours
+        return dict(_source_header(file)[1].get("__metadata__") or {})
+    except CheckpointError:  # an unreadable file is not ours
         return {}
 
 
 def _finished(file: Path, shard: Shard, digest: str) -> bool:
     """Whether ``file`` is ``shard`` written with the plan of ``digest`` (a rerun skips it)."""
-    from safetensors import safe_open
-
     if not file.is_file():
         return False
     try:
-        with safe_open(str(file), framework="pt") as f:
-            if (f.metadata() or {}).get(PLAN_KEY) != digest:
-                return False
-            found = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-    except Exception:  # noqa: BLE001 -- unreadable: write it again
+        start, entries = _source_header(file)
+    except CheckpointError:  # unreadable: write it again
         return False
-    return found == {p.name: p.shape for p in shard.pieces}
+    if (entries.pop("__metadata__", None) or {}).get(PLAN_KEY) != digest:
+        return False
+    if file.stat().st_size != start + sum(p.nbytes for p in shard.pieces):
+        return False  # its header is whole, its data not
+    return {name: tuple(e["shape"]) for name, e in entries.items()} == {p.name: p.shape for p in shard.pieces}
 
 
 def _check_space(out: Path, todo: list[Shard]) -> None:
@@ -453,10 +449,20 @@ TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16
 
 
 def _source_header(source: Path) -> tuple[int, dict[str, Any]]:
-    """Where a safetensors file's data starts, and its header's entry for each tensor."""
+    """Where a safetensors file's data starts, and its header's entry for each tensor (and its
+    ``__metadata__``); CheckpointError where the file has no such header."""
     with source.open("rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        return 8 + size, json.loads(f.read(size))
+        head = f.read(8)
+        size = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < size <= source.stat().st_size - 8:
+            raise CheckpointError(f"{source} is not a safetensors file: its header is missing or cut")
+        try:
+            header = json.loads(f.read(size))
+        except ValueError as exc:
+            raise CheckpointError(f"{source} is not a safetensors file: its header is not JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{source} is not a safetensors file: its header is not a JSON object")
+    return 8 + size, header
 
 
 def _read(f: Any, start: int, entry: dict[str, Any]) -> torch.Tensor:

@@ -113,8 +113,11 @@ def test_a_rerun_skips_the_shards_already_written(
     with pytest.raises(CheckpointError, match="model-00003-of-00005.safetensors, written by something other"):
         prune_checkpoint(src, _plan(a), out, analysis=a)  # a file it did not write: never overwritten
     (out / "model-00003-of-00005.safetensors").unlink()
+    last = out / "model-00005-of-00005.safetensors"
+    last.write_bytes(last.read_bytes()[:-4])  # our header, data cut short: written again
     prune_checkpoint(src, _plan(a), out, analysis=a)
-    assert written == ["model-00002-of-00005.safetensors", "model-00003-of-00005.safetensors"]
+    assert written == ["model-00002-of-00005.safetensors", "model-00003-of-00005.safetensors",
+                       "model-00005-of-00005.safetensors"]
     assert not list(out.glob("*.partial"))  # a torn write of a shard since finished is cleaned up
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     expected = depgraph.prune(transformers.AutoModelForCausalLM.from_pretrained(src).eval(), _plan(a))
@@ -163,6 +166,12 @@ def test_a_plan_for_another_model_or_a_directory_without_weights_is_refused(
     shutil.copy(src / "config.json", tmp_path / "config.json")
     with pytest.raises(CheckpointError, match="holds no model.safetensors nor model.safetensors.index.json"):
         prune_checkpoint(tmp_path, _plan(a), tmp_path / "out", analysis=a)
+    cut = tmp_path / "cut"
+    shutil.copytree(src, cut)
+    shard = sorted(cut.glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:20])
+    with pytest.raises(CheckpointError, match=f"{shard.name} is not a safetensors file: its header is missing or cut"):
+        prune_checkpoint(cut, _plan(a), tmp_path / "out", analysis=a)
 
 
 # -- importance and calibration read from the shards ---------------------------------
