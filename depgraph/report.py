@@ -407,11 +407,11 @@ def _gone(analysis: Analysis, plan: Plan | None) -> set[str]:
 
 
 def _removed_blocks(analysis: Analysis, plan: Plan | None, view: _View) -> list[dict[str, Any]]:
-    """The blocks ``plan`` removes: each one's description and its drawn nodes (those drawn as
-    themselves: a block in a collapsed run of repeated layers is listed, not drawn)."""
+    """The blocks ``plan`` removes: each one's description and its drawn nodes (a block in a run
+    of repeated layers drawn once is listed, not drawn: its nodes stand for every instance)."""
     blocks = plan.blocks(analysis) if plan is not None else []
-    return [{"name": str(b), "modules": list(b.modules),
-             "nodes": sorted({view.shown[n] for n in b.nodes if n in view.shown and n not in view.instance})}
+    alone = {n: i for n, i in view.shown.items() if view.nodes[i]["block"] is None}
+    return [{"name": str(b), "modules": list(b.modules), "nodes": sorted({alone[n] for n in b.nodes if n in alone})}
             for b in blocks]
 
 

@@ -119,6 +119,10 @@ def test_a_plan_s_removed_blocks_are_listed_drawn_and_their_layers_emptied(tmp_p
     inside = [all(m.name.startswith("second.") for m in g.members) for g in a.groups]
     assert [g["with_block"] for g in data["groups"]] == inside and any(inside)
     assert report_data(a)["removed_blocks"] == []
+    llama = _llama()  # its two decoder layers are drawn once: a removed layer is listed, not greyed
+    data = report_data(llama, depgraph.Plan.from_keep(llama, {}, drop_blocks=[2, 3]))
+    assert [b["name"].split(":")[0] for b in data["removed_blocks"]] == ["model.layers.1"] * 2
+    assert [b["nodes"] for b in data["removed_blocks"]] == [[], []] and data["blocks"]
     if CHROMIUM is not None:
         page = depgraph.report(a, tmp_path / "r.html", plan)
         dom = browse(page, tmp_path / "profile", "--dump-dom")
