@@ -11,7 +11,7 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_map
 
-from passes.adopt import adopt
+from passes.adopt import adopt, warn_undescribed
 from passes.blocks import delete_unused, drop_blocks, live_paths, remove_modules, whole_modules
 from passes.errors import DepgraphError, PlanError
 from passes.express import calls, choose, express
@@ -95,6 +95,8 @@ def prune(
     else:
         result = _expressed(target, analysis, before, inputs, check) if changed or whole else target
     result = _verified(result, analysis, model, inputs) if check else result
+    if whole and result is target and analysis.tracer == "fx":  # layers left a list its config may still count
+        warn_undescribed(result, stacklevel=3)
     skipped = set_biases(result, biases, analysis.tracer)
     if skipped:
         warnings.warn(f"bias compensation left out {', '.join(skipped)}: the pruned graph reads no bias for them",

@@ -31,7 +31,7 @@ from .hf_config import describe_layers, layer_sizes, per_layer_note
 from .meta import TensorMeta, module_paths
 from .shrink import MODULE_UPDATES, Sizes, replace_module
 
-__all__ = ["adopt", "undescribed", "update_attributes"]
+__all__ = ["adopt", "undescribed", "update_attributes", "warn_undescribed"]
 
 HEAD_ATTRIBUTES = {
     **dict.fromkeys(("num_heads", "num_attention_heads", "n_head", "n_heads", "num_key_value_heads",
@@ -75,16 +75,22 @@ def adopt(
     update_attributes(root, gm, params, nodes, sizes)
     if not _same_outputs(root, gm, inputs, recorded):
         return gm
-    for name, model, differ in undescribed(root):
+    warn_undescribed(root, stacklevel=4)
+    return root
+
+
+def warn_undescribed(root: nn.Module, stacklevel: int = 2) -> None:
+    """Warn for each Hugging Face-style model in ``root`` whose config builds other parameters
+    than it has (:func:`undescribed`): saved with its config, it would not reload as it is."""
+    for _, model, differ in undescribed(root):
         warnings.warn(
             f"the pruned {type(model).__name__} runs, but its config cannot describe its sizes, so rebuilding it "
             f"from the config fails ({len(differ)} parameters differ; {differ[0]}): the config has one size per "
             "model (heads and head_dim derived from the hidden size where it has no head_dim, the same sizes in "
-            f"every layer; {per_layer_note(model)}). Save the pruned model whole (torch.save) or save the plan and "
-            "prune a fresh model",
-            stacklevel=3,
+            f"every layer, as many layers as it says; {per_layer_note(model)}). Save the pruned model whole "
+            "(torch.save) or save the plan and prune a fresh model",
+            stacklevel=stacklevel,
         )
-    return root
 
 
 def update_attributes(
@@ -230,7 +236,9 @@ def _configs(root: nn.Module) -> Iterator[Any]:
 
 def undescribed(root: nn.Module) -> Iterator[tuple[str, nn.Module, list[str]]]:
     """(name, model, differences) for each outermost Hugging Face-style model (a module with a
-    ``config`` and ``_from_config``) whose config builds parameters of other shapes (built on meta)."""
+    ``config`` and ``_from_config``) whose config builds parameters of other shapes, or builds
+    parameters it lacks (a layer count the config does not follow), or lacks some it has (built
+    on meta)."""
     outer: list[str] = []
     for name, model in root.named_modules():
         if not (hasattr(model, "_from_config") and hasattr(model, "config")):
@@ -244,9 +252,11 @@ def undescribed(root: nn.Module) -> Iterator[tuple[str, nn.Module, list[str]]]:
                 fresh = model._from_config(copy.deepcopy(model.config))
         except Exception:  # noqa: BLE001 -- a config that cannot build at all says nothing about sizes
             continue
-        own = model.state_dict()
+        own, built = model.state_dict(), fresh.state_dict()
         differ = [f"{k} is {tuple(own[k].shape)}, the config builds {tuple(t.shape)}"
-                  for k, t in fresh.state_dict().items() if k in own and own[k].shape != t.shape]
+                  for k, t in built.items() if k in own and own[k].shape != t.shape]
+        differ += [f"the config builds {k}, which it lacks" for k in built if k not in own]
+        differ += [f"it has {k}, which the config does not build" for k in own if k not in built]
         if differ:
             yield name, model, differ
 

@@ -179,6 +179,48 @@ def test_a_removed_layers_own_sizes_do_not_hold_the_config_back() -> None:
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in pruned.state_dict().items()}
 
 
+def test_a_config_that_does_not_count_the_layers_left_is_named() -> None:
+    """A Hugging Face-style model whose config holds its layer count under a name depgraph does
+    not know: with a layer removed the class runs, but its config would rebuild three layers (and
+    ``from_pretrained`` fill the third with random weights), so prune says so."""
+    transformers = pytest.importorskip("transformers")
+
+    class DepthConfig(transformers.PretrainedConfig):
+        model_type = "depgraph_test_depth"
+
+        def __init__(self, depth: int = 3, width: int = 8, **kwargs: object) -> None:
+            self.depth, self.width = depth, width
+            super().__init__(**kwargs)
+
+    class Residual(nn.Module):
+        def __init__(self, width: int) -> None:
+            super().__init__()
+            self.f = nn.Linear(width, width)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return x + self.f(x)
+
+    class Deep(transformers.PreTrainedModel):
+        config_class = DepthConfig
+
+        def __init__(self, config: DepthConfig) -> None:
+            super().__init__(config)
+            self.blocks = nn.ModuleList(Residual(config.width) for _ in range(config.depth))
+
+        def forward(self, x: Tensor) -> Tensor:
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    model, x = Deep(DepthConfig()).eval(), torch.randn(2, 8)
+    for tracer in ("fx", "export"):
+        a = depgraph.analyze(model, x, tracer=tracer)
+        with pytest.warns(UserWarning, match=r"config cannot describe its sizes.*the config builds blocks\.2\.f\."):
+            pruned = depgraph.prune(model, Plan.from_keep(a, {}, drop_blocks=[1]))
+        assert type(pruned) is Deep and len(pruned.blocks) == 2
+        torch.testing.assert_close(pruned(x), depgraph.simulate(model, Plan.from_keep(a, {}, drop_blocks=[1]))(x))
+
+
 def test_llama_attention_alone_gives_the_graph() -> None:
     model = tiny_llama(layers=2)
     inputs = {"input_ids": torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(1))}
