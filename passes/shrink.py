@@ -339,8 +339,23 @@ def _kept_size(node: fx.Node, old: Any, expr: Expr, nodes: dict[str, Any], sizes
             divided = graph.call_function(operator.floordiv, (old, whole))
             return graph.call_function(operator.mul, (divided, math.prod(sizes.size(f) for f in touched)))
         if isinstance(expr, Concat):
+            common = _common_size(expr, sizes)
+            if common > 1:  # [a*b | c*b], b read at run time (a batch): b * (kept a + kept c)
+                divided = graph.call_function(operator.floordiv, (old, expr.size // common))
+                return graph.call_function(operator.mul, (divided, kept // common))
             return graph.call_function(operator.sub, (old, expr.size - kept))
     return kept
+
+
+def _common_size(expr: Concat, sizes: Sizes) -> int:
+    """The size of the factors every part of ``expr`` has that pruning leaves whole: a size
+    computed at run time over such an axis (``batch * (tokens + patches)``) scales with them,
+    so the removed count is not a constant to subtract."""
+    def factors(e: Expr) -> list[Expr]:
+        return [f for sub in e.factors for f in factors(sub)] if isinstance(e, Product) else [e]
+
+    shared = set.intersection(*(set(factors(p)) for p in expr.parts))
+    return math.prod(f.size for f in shared if not sizes.touches(f))
 
 
 def _unflatten(node: fx.Node, nodes: dict[str, Any], sizes: Sizes) -> bool:
