@@ -199,7 +199,7 @@ def _block(out: fx.Node, add: fx.Node, root: fx.Node, others: list[fx.Node], g: 
     """The block whose output is term ``out`` of the sum ending at ``root``, or None."""
     if not others or out.op in ("placeholder", "get_attr") or _read_by(out, g.live) != [add]:
         return None
-    if not _keeps_shape(root, others):
+    if not _keeps_shape(root, others) or not _kept_alike(out, add, root):
         return None
     order = g.order
     seen = _ancestors_after(out, min(order[t] for t in others), order)
@@ -216,6 +216,20 @@ def _block(out: fx.Node, add: fx.Node, root: fx.Node, others: list[fx.Node], g: 
     modules = tuple(dict.fromkeys(owner for owner, _ in params))
     nodes = tuple(n.name for n in sorted(branch, key=order.__getitem__))
     return Block(add.name, stream.name, out.name, modules, tuple(name for _, name in params), nodes)
+
+
+def _kept_alike(out: fx.Node, add: fx.Node, root: fx.Node) -> bool:
+    """Whether ``add``, an addition inside the sum ending at ``root``, keeps its shape and dtype
+    when it gives its other operand instead of adding ``out``, or nothing else reads it: in
+    ``x + (f(x) + b)`` with a broadcast bias ``b``, the inner sum would become ``b``, and a
+    value also reading it (one computed and never used) would get ``b``'s shape."""
+    if add is root or len(add.users) == 1:
+        return True
+    other = next((a for a in add.args[:2] if a is not out), None)
+    if not isinstance(other, fx.Node):
+        return False
+    kept, whole = other.meta[VALUE], add.meta[VALUE]
+    return tuple(kept.shape) == tuple(whole.shape) and kept.dtype == whole.dtype
 
 
 def _keeps_shape(root: fx.Node, others: list[fx.Node]) -> bool:

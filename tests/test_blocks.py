@@ -166,6 +166,29 @@ def test_bias_gate_broadcast_parameter_free_and_shared_branches_are_not_blocks()
     assert _analyze(NotBlocks(), 2, 8).blocks == []
 
 
+class BiasInTheSum(nn.Module):
+    """``x + (f(x) + b)`` with a bias broadcast over the batch: removing ``f`` makes the inner
+    sum ``b``, which is fine for the stream, unless a value also reads the inner sum."""
+
+    def __init__(self, read: bool) -> None:
+        super().__init__()
+        self.f, self.b, self.read = nn.Linear(8, 8, bias=False), nn.Parameter(torch.zeros(8)), read
+
+    def forward(self, x: Tensor) -> Tensor:
+        inner = self.f(x) + self.b
+        y = x + inner
+        if self.read:
+            torch.cat([y, inner], 1)  # computed and never used: it would read b's shape
+        return y
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_a_term_whose_inner_sum_something_else_reads_is_no_block_where_removing_it_changes_that_sum_s_shape(
+        tracer: str) -> None:
+    assert _modules(depgraph.analyze(BiasInTheSum(False).eval(), torch.zeros(2, 8), tracer=tracer)) == [("f",)]
+    assert depgraph.analyze(BiasInTheSum(True).eval(), torch.zeros(2, 8), tracer=tracer).blocks == []
+
+
 def test_zoo_residual_and_a_model_without_additions() -> None:
     case = ZOO["residual"]
     assert _modules(depgraph.analyze(case.factory(), case.example_inputs())) == [("conv_a", "conv_b")]

@@ -276,14 +276,16 @@ def test_a_constant_the_forward_creates_keeps_its_values_through_export() -> Non
         torch.testing.assert_close(result(TOK), model(TOK))
 
 
-@pytest.mark.parametrize("seed", [889, 4066, 22233, 32848])
+@pytest.mark.parametrize("seed", [889, 4066, 22233, 32848, 34166])
 def test_fuzz_seeds_that_once_failed(seed: int) -> None:
     """889: export reads a size from a concatenation that lost tokens (``aten.sym_size``,
     already the pruned size at run time, was rescaled again); 4066: an index tensor the
     forward creates, exported on meta inputs; 22233: a mask placed after a reshape that
     folds the batch with learned tokens; 32848: a reshape of ``batch * (tokens + patches)``
     rows inside an attention, with a token removed, rewritten as ``batch * 8 - 2`` (right only
-    at the example's batch) instead of ``batch * 7``."""
+    at the example's batch) instead of ``batch * 7``; 34166: a removed block inside
+    ``x + (f(x) + b)`` whose inner sum a value computed and never used also reads (the sum
+    would have become the broadcast ``b``: not a removable block now)."""
     status, failure = fuzz.outcome(fuzz.generate(seed))
     assert status == "passed", failure
 
