@@ -335,16 +335,18 @@ def _kept_size(node: fx.Node, old: Any, expr: Expr, nodes: dict[str, Any], sizes
     with graph.inserting_before(node):
         if isinstance(expr, Product):
             touched = [f for f in expr.factors if sizes.touches(f)]
-            whole = math.prod(f.size for f in touched)
-            divided = graph.call_function(operator.floordiv, (old, whole))
-            return graph.call_function(operator.mul, (divided, math.prod(sizes.size(f) for f in touched)))
+            return _rescaled(graph, old, math.prod(f.size for f in touched), math.prod(sizes.size(f) for f in touched))
         if isinstance(expr, Concat):
             common = _common_size(expr, sizes)
             if common > 1:  # [a*b | c*b], b read at run time (a batch): b * (kept a + kept c)
-                divided = graph.call_function(operator.floordiv, (old, expr.size // common))
-                return graph.call_function(operator.mul, (divided, kept // common))
+                return _rescaled(graph, old, expr.size // common, kept // common)
             return graph.call_function(operator.sub, (old, expr.size - kept))
     return kept
+
+
+def _rescaled(graph: fx.Graph, old: fx.Node, whole: int, kept: int) -> fx.Node:
+    """``old // whole * kept``: a run-time size whose static part ``whole`` keeps ``kept``."""
+    return graph.call_function(operator.mul, (graph.call_function(operator.floordiv, (old, whole)), kept))
 
 
 def _common_size(expr: Concat, sizes: Sizes) -> int:
